@@ -1,0 +1,23 @@
+//! The `sluice` binary: parses flags, sets up logging, hands over to the
+//! library.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = sluice_cli::Cli::parse();
+    sluice_cli::init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(sluice_cli::run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Miner configuration (TOML + env + flags, unknown keys rejected) and the
+//! engine it runs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use sluice_engine::fake::{FakeEngine, FakeScript};
+use sluice_engine::llama::{LlamaConfig, LlamaEngine};
+use sluice_engine::{Engine, EngineError};
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MinerConfig {
+    /// Base URL of the validator to register with.
+    pub validator: String,
+    pub listen: SocketAddr,
+    /// URL the validator should use to reach this miner (default: http://listen).
+    pub advertise: Option<String>,
+    pub data_dir: PathBuf,
+    pub engine: EngineConfig,
+}
+
+impl Default for MinerConfig {
+    fn default() -> Self {
+        MinerConfig {
+            validator: "http://127.0.0.1:8000".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
+            data_dir: PathBuf::from("."),
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+impl MinerConfig {
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let c: MinerConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.validator.starts_with("http://") || self.validator.starts_with("https://")) {
+            return Err(format!("validator must be an http(s) URL, not `{}`", self.validator));
+        }
+        if let EngineConfig::Llama { slots, .. } = &self.engine {
+            if *slots == 0 {
+                return Err("engine.slots must be at least 1".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which engine a miner runs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EngineConfig {
+    /// Embedded llama.cpp serving a GGUF. Without `model`, the default
+    /// model is fetched into the data dir.
+    Llama {
+        #[serde(default)]
+        model: Option<PathBuf>,
+        #[serde(default)]
+        model_id: Option<String>,
+        #[serde(default = "default_slots")]
+        slots: u32,
+        #[serde(default)]
+        threads: Option<u32>,
+        #[serde(default = "default_context")]
+        context_per_slot: u32,
+    },
+    /// Scripted fake engine (tests and drills only).
+    Fake(FakeScript),
+}
+
+fn default_slots() -> u32 {
+    4
+}
+
+fn default_context() -> u32 {
+    2048
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig::Llama {
+            model: None,
+            model_id: None,
+            slots: default_slots(),
+            threads: None,
+            context_per_slot: default_context(),
+        }
+    }
+}
+
+/// Builds the configured engine (blocking: loads the model).
+pub fn build_engine(engine: &EngineConfig, model_path: Option<PathBuf>) -> Result<Arc<dyn Engine>, EngineError> {
+    match engine {
+        EngineConfig::Fake(script) => Ok(Arc::new(FakeEngine::new(script.clone()))),
+        EngineConfig::Llama {
+            model,
+            model_id,
+            slots,
+            threads,
+            context_per_slot,
+        } => {
+            let path = model
+                .clone()
+                .or(model_path)
+                .ok_or_else(|| EngineError::Load("no model path".into()))?;
+            let id = match (model_id, model) {
+                (Some(id), _) => id.clone(),
+                (None, Some(p)) => sluice_engine::model_fetch::model_id_for_path(p),
+                (None, None) => sluice_proto::DEFAULT_MODEL_ID.to_string(),
+            };
+            let mut cfg = LlamaConfig::new(path, id);
+            cfg.slots = *slots;
+            cfg.context_per_slot = *context_per_slot;
+            if let Some(t) = threads {
+                cfg.threads = *t;
+            }
+            Ok(Arc::new(LlamaEngine::start(cfg)?))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_fake_engine_config() {
+        let c = MinerConfig::from_toml(
+            "validator = \"http://127.0.0.1:9\"\n[engine]\nkind = \"fake\"\ndie_after = 3\n",
+        )
+        .unwrap();
+        match c.engine {
+            EngineConfig::Fake(s) => assert_eq!(s.die_after, Some(3)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_keys() {
+        assert!(MinerConfig::from_toml("validatr = \"http://x\"").is_err());
+        assert!(MinerConfig::from_toml("[engine]\nkind = \"fake\"\nbogus = 1\n").is_err());
+        assert!(MinerConfig::from_toml("validator = \"ftp://x\"").is_err());
+    }
+}

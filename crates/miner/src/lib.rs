@@ -1,0 +1,332 @@
+//! The miner agent: owns an ed25519 identity, hosts one engine instance,
+//! registers with a validator (signing its nonce), heartbeats, and serves
+//! signed invocations from the validator as SSE streams of engine events.
+
+pub mod config;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use futures_util::StreamExt;
+use sluice_engine::{Engine, EngineError};
+use sluice_proto::miner::{
+    heartbeat_message, invoke_message, parse_public, public_hex, register_message, sign_hex,
+    verify_hex, HeartbeatRequest, InvokeEvent, InvokeRequest, NonceResponse, OfferedChute,
+    RegisterRequest, RegisterResponse, HDR_REQUEST_ID, HDR_SIGNATURE, HDR_TIMESTAMP,
+};
+use sluice_proto::sse::encode_data;
+use tokio::sync::RwLock;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use config::{EngineConfig, MinerConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MinerError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("{0}")]
+    Io(String),
+}
+
+#[derive(Clone)]
+struct MinerState {
+    engine: Arc<dyn Engine>,
+    /// The validator key learned at registration; invocations must carry
+    /// its signature.
+    validator_key: Arc<RwLock<Option<VerifyingKey>>>,
+}
+
+/// A running miner.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub endpoint: String,
+    pub handle: tokio::task::JoinHandle<Result<(), MinerError>>,
+}
+
+/// Loads the miner's identity key from its data dir, creating it once.
+pub fn load_or_create_key(path: &Path) -> Result<SigningKey, MinerError> {
+    if path.exists() {
+        let text = std::fs::read_to_string(path).map_err(|e| MinerError::Io(format!("reading {}: {e}", path.display())))?;
+        let bytes: [u8; 32] = hex::decode(text.trim())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| MinerError::Io(format!("{} is not a hex ed25519 key", path.display())))?;
+        return Ok(SigningKey::from_bytes(&bytes));
+    }
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| MinerError::Io(format!("creating {}: {e}", dir.display())))?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    use std::io::Write;
+    opts.open(path)
+        .and_then(|mut f| f.write_all(hex::encode(key.to_bytes()).as_bytes()))
+        .map_err(|e| MinerError::Io(format!("writing {}: {e}", path.display())))?;
+    Ok(key)
+}
+
+/// Starts serving with `engine` and keeps the miner registered with the
+/// validator until `shutdown`.
+pub async fn start(
+    config: MinerConfig,
+    engine: Arc<dyn Engine>,
+    shutdown: CancellationToken,
+) -> Result<Running, MinerError> {
+    config.validate().map_err(MinerError::Config)?;
+    let key = load_or_create_key(&config.data_dir.join("miner.key"))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| MinerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|e| MinerError::Io(e.to_string()))?;
+    let endpoint = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let state = MinerState {
+        engine: engine.clone(),
+        validator_key: Arc::new(RwLock::new(None)),
+    };
+    let app = Router::new()
+        .route("/v1/invoke", post(invoke))
+        .route("/health", get(health))
+        .with_state(state.clone());
+    let tasks = TaskTracker::new();
+    let agent = Agent {
+        http: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| MinerError::Io(e.to_string()))?,
+        validator: config.validator.trim_end_matches('/').to_string(),
+        endpoint: endpoint.clone(),
+        key,
+        engine,
+        state,
+    };
+    let stop = shutdown.clone();
+    tasks.spawn(async move { agent.run(stop).await }.instrument(tracing::info_span!("agent")));
+    let handle = tokio::spawn(async move {
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .map_err(|e| MinerError::Io(format!("server: {e}")));
+        tasks.close();
+        tasks.wait().await;
+        result
+    });
+    tracing::info!(%addr, %endpoint, "miner listening");
+    Ok(Running {
+        addr,
+        endpoint,
+        handle,
+    })
+}
+
+async fn health(State(state): State<MinerState>) -> Response {
+    let info = state.engine.info();
+    let status = if state.engine.healthy() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(serde_json::json!({
+            "model": info.model_id,
+            "capacity": info.capacity,
+            "in_flight": state.engine.in_flight(),
+            "engine": info.description,
+        })),
+    )
+        .into_response()
+}
+
+fn reject(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(serde_json::json!({"error": {"message": message}}))).into_response()
+}
+
+async fn invoke(State(state): State<MinerState>, headers: HeaderMap, body: Bytes) -> Response {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let request_id = header(HDR_REQUEST_ID).to_string();
+    let Some(vkey) = *state.validator_key.read().await else {
+        return reject(StatusCode::SERVICE_UNAVAILABLE, "not registered yet");
+    };
+    let Ok(ts) = header(HDR_TIMESTAMP).parse::<u64>() else {
+        return reject(StatusCode::UNAUTHORIZED, "missing timestamp");
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    if now.abs_diff(ts) > 60_000 {
+        return reject(StatusCode::UNAUTHORIZED, "stale invocation");
+    }
+    if verify_hex(&vkey, &invoke_message(&request_id, ts, &body), header(HDR_SIGNATURE)).is_err() {
+        return reject(StatusCode::UNAUTHORIZED, "bad validator signature");
+    }
+    let req: InvokeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return reject(StatusCode::BAD_REQUEST, &format!("bad invocation: {e}")),
+    };
+    if req.model != state.engine.info().model_id {
+        return reject(StatusCode::NOT_FOUND, "model not served here");
+    }
+    let span = tracing::info_span!("invoke", request_id = %req.request_id);
+    let _enter = span.enter();
+    let events = match state.engine.generate(req) {
+        Ok(s) => s,
+        Err(EngineError::Busy) => return reject(StatusCode::SERVICE_UNAVAILABLE, "at capacity"),
+        Err(e) => return reject(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    tracing::debug!("generation started");
+    let frames = events.map(|ev: InvokeEvent| {
+        let payload = serde_json::to_string(&ev).unwrap_or_else(|_| "{}".into());
+        Ok::<_, std::convert::Infallible>(Bytes::from(encode_data(&payload)))
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(frames))
+        .unwrap_or_else(|_| reject(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+}
+
+/// Registration and heartbeats.
+struct Agent {
+    http: reqwest::Client,
+    validator: String,
+    endpoint: String,
+    key: SigningKey,
+    engine: Arc<dyn Engine>,
+    state: MinerState,
+}
+
+impl Agent {
+    async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let interval = match self.register().await {
+                Ok(resp) => {
+                    backoff = Duration::from_millis(200);
+                    tracing::info!(validator = %self.validator, instances = ?resp.instance_ids, "registered");
+                    Duration::from_millis(resp.heartbeat_interval_ms.max(100))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "registration failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            // Heartbeat until the validator forgets us, then re-register.
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                match self.heartbeat().await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                }
+            }
+        }
+    }
+
+    async fn register(&self) -> Result<RegisterResponse, String> {
+        let nonce: NonceResponse = self
+            .http
+            .get(format!("{}/miner/v1/nonce", self.validator))
+            .send()
+            .await
+            .map_err(|e| format!("validator unreachable: {e}"))?
+            .json()
+            .await
+            .map_err(|e| format!("bad nonce response: {e}"))?;
+        let vkey = parse_public(&nonce.validator_key).map_err(|e| e.to_string())?;
+        *self.state.validator_key.write().await = Some(vkey);
+        let info = self.engine.info();
+        let chutes = vec![OfferedChute {
+            model: info.model_id.clone(),
+            capacity: info.capacity,
+            context_length: info.context_length,
+        }];
+        let signature = sign_hex(&self.key, &register_message(&nonce.nonce, &self.endpoint, &chutes));
+        let req = RegisterRequest {
+            miner_key: public_hex(&self.key),
+            endpoint: self.endpoint.clone(),
+            nonce: nonce.nonce,
+            chutes,
+            hardware: format!("{} ({} cpus)", info.description, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+            signature,
+        };
+        let resp = self
+            .http
+            .post(format!("{}/miner/v1/register", self.validator))
+            .json(&req)
+            .send()
+            .await
+            .map_err(|e| format!("register: {e}"))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            return Err(format!("validator refused registration ({status}): {text}"));
+        }
+        resp.json().await.map_err(|e| format!("bad register response: {e}"))
+    }
+
+    /// Ok(false) when the validator no longer knows this miner.
+    async fn heartbeat(&self) -> Result<bool, String> {
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let hb = HeartbeatRequest {
+            miner_key: public_hex(&self.key),
+            endpoint: self.endpoint.clone(),
+            timestamp_ms: ts,
+            load: vec![(self.engine.info().model_id, self.engine.in_flight())],
+            signature: sign_hex(&self.key, &heartbeat_message(&self.endpoint, ts)),
+        };
+        let resp = self
+            .http
+            .post(format!("{}/miner/v1/heartbeat", self.validator))
+            .json(&hb)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        match resp.status() {
+            s if s.is_success() => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            s => Err(format!("heartbeat refused: {s}")),
+        }
+    }
+}

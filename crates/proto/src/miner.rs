@@ -1,0 +1,264 @@
+//! The validator <-> miner protocol: registration (a miner proves it owns
+//! its ed25519 key by signing a validator nonce), heartbeats, and the
+//! signed invocation the validator forwards to a miner, whose answer is an
+//! SSE stream of [`InvokeEvent`]s.
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Header carrying the request id from client to validator to miner.
+pub const HDR_REQUEST_ID: &str = "x-request-id";
+/// Header carrying the validator's signature on an invocation.
+pub const HDR_SIGNATURE: &str = "x-sluice-signature";
+/// Header carrying the signing time (unix ms) of an invocation.
+pub const HDR_TIMESTAMP: &str = "x-sluice-timestamp";
+
+/// One message of a chat prompt, text only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// What the engine is asked to continue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PromptInput {
+    /// Rendered through the model's own chat template.
+    Chat { messages: Vec<PromptMessage> },
+    /// Used verbatim.
+    Text { prompt: String },
+}
+
+/// Normalised sampling parameters (validated by the validator).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationParams {
+    /// Upper bound on generated tokens; `None` = until the context ends.
+    pub max_tokens: Option<u32>,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        GenerationParams {
+            max_tokens: None,
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: None,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// The body the validator POSTs to a miner's `/v1/invoke`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvokeRequest {
+    pub request_id: String,
+    pub model: String,
+    pub input: PromptInput,
+    pub params: GenerationParams,
+    /// Text already produced by another instance (mid-stream failover):
+    /// the engine appends it to the rendered prompt and continues from there.
+    #[serde(default)]
+    pub continuation: String,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// One event of a miner's answer stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum InvokeEvent {
+    /// The prompt was admitted: its length in tokens (including any
+    /// continuation), from the engine's tokenizer.
+    Started { prompt_tokens: u32 },
+    /// Newly generated text and how many generated tokens it completes
+    /// (text held back by UTF-8 or stop matching is counted when released).
+    Text { text: String, tokens: u32 },
+    /// The generation finished; token counts come from the engine's own
+    /// tokenizer. `prompt_tokens` counts the rendered prompt (including any
+    /// continuation), `completion_tokens` the tokens generated here.
+    Done {
+        finish_reason: FinishReason,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+    },
+    /// The generation failed; `retryable` says whether another instance
+    /// could succeed with the same input.
+    Error { message: String, retryable: bool },
+}
+
+/// A chute a miner offers, with its per-instance concurrency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfferedChute {
+    pub model: String,
+    pub capacity: u32,
+    pub context_length: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NonceResponse {
+    pub nonce: String,
+    pub validator_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// Hex ed25519 public key: the miner's identity.
+    pub miner_key: String,
+    /// Base URL the validator reaches the miner at.
+    pub endpoint: String,
+    pub nonce: String,
+    pub chutes: Vec<OfferedChute>,
+    pub hardware: String,
+    /// Hex signature over [`register_message`].
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub instance_ids: Vec<String>,
+    pub heartbeat_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub miner_key: String,
+    pub endpoint: String,
+    pub timestamp_ms: u64,
+    /// Requests in flight per model.
+    pub load: Vec<(String, u32)>,
+    pub signature: String,
+}
+
+/// The bytes a miner signs to register.
+pub fn register_message(nonce: &str, endpoint: &str, chutes: &[OfferedChute]) -> Vec<u8> {
+    let models: Vec<String> = chutes
+        .iter()
+        .map(|c| format!("{}:{}:{}", c.model, c.capacity, c.context_length))
+        .collect();
+    format!("sluice-register\n{nonce}\n{endpoint}\n{}", models.join(",")).into_bytes()
+}
+
+/// The bytes a miner signs for a heartbeat.
+pub fn heartbeat_message(endpoint: &str, timestamp_ms: u64) -> Vec<u8> {
+    format!("sluice-heartbeat\n{endpoint}\n{timestamp_ms}").into_bytes()
+}
+
+/// The bytes a validator signs for an invocation: request id, time and a
+/// digest of the exact body.
+pub fn invoke_message(request_id: &str, timestamp_ms: u64, body: &[u8]) -> Vec<u8> {
+    let digest = hex::encode(Sha256::digest(body));
+    format!("sluice-invoke\n{request_id}\n{timestamp_ms}\n{digest}").into_bytes()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("malformed public key")]
+    BadKey,
+    #[error("malformed signature")]
+    BadSignature,
+    #[error("signature does not verify")]
+    Mismatch,
+}
+
+pub fn sign_hex(key: &SigningKey, msg: &[u8]) -> String {
+    hex::encode(key.sign(msg).to_bytes())
+}
+
+pub fn public_hex(key: &SigningKey) -> String {
+    hex::encode(key.verifying_key().to_bytes())
+}
+
+pub fn parse_public(public_hex: &str) -> Result<VerifyingKey, SignatureError> {
+    let bytes: [u8; 32] = hex::decode(public_hex)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or(SignatureError::BadKey)?;
+    VerifyingKey::from_bytes(&bytes).map_err(|_| SignatureError::BadKey)
+}
+
+pub fn verify_hex(key: &VerifyingKey, msg: &[u8], sig_hex: &str) -> Result<(), SignatureError> {
+    let bytes: [u8; 64] = hex::decode(sig_hex)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or(SignatureError::BadSignature)?;
+    key.verify(msg, &Signature::from_bytes(&bytes))
+        .map_err(|_| SignatureError::Mismatch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_and_verify_registration() {
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let chutes = vec![OfferedChute {
+            model: "m".into(),
+            capacity: 4,
+            context_length: 2048,
+        }];
+        let msg = register_message("n1", "http://127.0.0.1:1", &chutes);
+        let sig = sign_hex(&key, &msg);
+        let public = parse_public(&public_hex(&key)).unwrap();
+        assert_eq!(verify_hex(&public, &msg, &sig), Ok(()));
+        let other = register_message("n2", "http://127.0.0.1:1", &chutes);
+        assert_eq!(
+            verify_hex(&public, &other, &sig),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            verify_hex(&public, &msg, "zz"),
+            Err(SignatureError::BadSignature)
+        );
+        assert_eq!(parse_public("00").err(), Some(SignatureError::BadKey));
+    }
+
+    #[test]
+    fn invoke_events_are_tagged() {
+        let e = InvokeEvent::Done {
+            finish_reason: FinishReason::Length,
+            prompt_tokens: 3,
+            completion_tokens: 2,
+        };
+        let s = serde_json::to_string(&e).unwrap();
+        assert!(s.contains(r#""event":"done""#) && s.contains(r#""finish_reason":"length""#));
+        assert_eq!(serde_json::from_str::<InvokeEvent>(&s).unwrap(), e);
+        let req = InvokeRequest {
+            request_id: "r".into(),
+            model: "m".into(),
+            input: PromptInput::Chat {
+                messages: vec![PromptMessage {
+                    role: "user".into(),
+                    content: "hi".into(),
+                }],
+            },
+            params: GenerationParams::default(),
+            continuation: String::new(),
+        };
+        let v = serde_json::to_value(&req).unwrap();
+        assert_eq!(v["input"]["kind"], "chat");
+        assert_eq!(serde_json::from_value::<InvokeRequest>(v).unwrap(), req);
+    }
+}

@@ -1,0 +1,93 @@
+//! Server-sent events framing: encoding `data:` events and an incremental
+//! decoder that turns a byte stream split at arbitrary points into events.
+
+/// The terminal event of an OpenAI stream.
+pub const DONE: &str = "[DONE]";
+
+/// Frames one `data:` event. Payloads with newlines are split across
+/// several `data:` lines, as the SSE specification requires.
+pub fn encode_data(payload: &str) -> String {
+    let mut out = String::with_capacity(payload.len() + 8);
+    for line in payload.split('\n') {
+        out.push_str("data: ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push('\n');
+    out
+}
+
+/// Incremental SSE decoder: feed it chunks, collect complete event payloads
+/// (the `data:` lines of each event joined by newlines).
+#[derive(Debug, Default)]
+pub struct SseDecoder {
+    buf: Vec<u8>,
+    data: Vec<String>,
+}
+
+impl SseDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends bytes and returns the payloads of every event they complete.
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<String> {
+        self.buf.extend_from_slice(chunk);
+        let mut events = Vec::new();
+        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+            let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            if line.is_empty() {
+                if !self.data.is_empty() {
+                    events.push(self.data.join("\n"));
+                    self.data.clear();
+                }
+                continue;
+            }
+            let line = String::from_utf8_lossy(&line);
+            if let Some(rest) = line.strip_prefix("data:") {
+                self.data
+                    .push(rest.strip_prefix(' ').unwrap_or(rest).to_string());
+            }
+            // Comments (":") and other fields (event:, id:, retry:) are ignored.
+        }
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_single_and_multiline() {
+        assert_eq!(encode_data("{}"), "data: {}\n\n");
+        assert_eq!(encode_data("a\nb"), "data: a\ndata: b\n\n");
+    }
+
+    #[test]
+    fn decoder_handles_arbitrary_splits() {
+        let stream = format!(
+            "{}: keepalive\n\n{}{}",
+            encode_data(r#"{"a":1}"#),
+            encode_data("x\ny"),
+            encode_data(DONE)
+        );
+        for split in 1..stream.len() {
+            let mut d = SseDecoder::new();
+            let (a, b) = stream.as_bytes().split_at(split);
+            let mut ev = d.feed(a);
+            ev.extend(d.feed(b));
+            assert_eq!(ev, vec![r#"{"a":1}"#, "x\ny", DONE], "split at {split}");
+        }
+    }
+
+    #[test]
+    fn decoder_accepts_crlf_and_no_space() {
+        let mut d = SseDecoder::new();
+        assert_eq!(d.feed(b"data:1\r\n\r\n"), vec!["1"]);
+    }
+}

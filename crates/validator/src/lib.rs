@@ -1,0 +1,261 @@
+//! The validator: OpenAI-compatible API, keys, admission and routing to
+//! miners, request metadata, metrics. `start` runs the same code the
+//! binary runs, so tests drive it directly.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod metrics;
+pub mod miners_api;
+pub mod registry;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use ed25519_dalek::SigningKey;
+use sluice_proto::{DEFAULT_MODEL_FILE, DEFAULT_MODEL_ID};
+use sluice_store::{now_ms, Chute, Store};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::ValidatorConfig;
+
+use crate::auth::Auth;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::miners_api::Nonces;
+use crate::registry::Registry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ValidatorError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] sluice_store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Shared state: cheap to clone, every part behind an `Arc`.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<ValidatorConfig>,
+    pub store: Store,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub auth: Arc<Auth>,
+    pub http: reqwest::Client,
+    pub signing_key: Arc<SigningKey>,
+    pub nonces: Arc<Nonces>,
+    pub tasks: TaskTracker,
+    chutes: Arc<RwLock<Arc<Vec<Chute>>>>,
+}
+
+impl AppState {
+    pub fn chutes(&self) -> Arc<Vec<Chute>> {
+        match self.chutes.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn chute_ids(&self) -> Vec<String> {
+        self.chutes().iter().map(|c| c.model_id.clone()).collect()
+    }
+
+    /// Reloads the chute table (other replicas may have added chutes).
+    pub async fn refresh_chutes(&self) {
+        match self.store.list_chutes().await {
+            Ok(list) => {
+                if let Ok(mut c) = self.chutes.write() {
+                    *c = Arc::new(list);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not reload chutes"),
+        }
+    }
+}
+
+/// Loads the validator's signing key from the data dir, creating it once.
+pub fn load_or_create_key(path: &Path) -> Result<SigningKey, ValidatorError> {
+    if path.exists() {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ValidatorError::Io(format!("reading {}: {e}", path.display())))?;
+        let bytes: [u8; 32] = hex::decode(text.trim())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| ValidatorError::Io(format!("{} is not a hex ed25519 key", path.display())))?;
+        return Ok(SigningKey::from_bytes(&bytes));
+    }
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| ValidatorError::Io(format!("creating {}: {e}", dir.display())))?;
+    }
+    write_private(path, &hex::encode(key.to_bytes()))?;
+    Ok(key)
+}
+
+/// Writes a secret file readable by its owner only.
+pub fn write_private(path: &Path, contents: &str) -> Result<(), ValidatorError> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .map_err(|e| ValidatorError::Io(format!("writing {}: {e}", path.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    f.write_all(contents.as_bytes())
+        .map_err(|e| ValidatorError::Io(format!("writing {}: {e}", path.display())))
+}
+
+/// Opens the configured store: PostgreSQL when a URL is set, else the
+/// SQLite file in the data dir.
+pub async fn open_store(config: &ValidatorConfig) -> Result<Store, ValidatorError> {
+    Ok(match &config.database_url {
+        Some(url) => Store::open(url).await?,
+        None => Store::open_data_dir(&config.data_dir).await?,
+    })
+}
+
+/// The default chute every network serves.
+pub fn default_chute() -> Chute {
+    Chute {
+        model_id: DEFAULT_MODEL_ID.to_string(),
+        engine: "gguf".into(),
+        source: DEFAULT_MODEL_FILE.to_string(),
+        concurrency: 4,
+        price_in_micros: miners_api::DEFAULT_PRICE_IN_MICROS,
+        price_out_micros: miners_api::DEFAULT_PRICE_OUT_MICROS,
+        created_ms: now_ms(),
+    }
+}
+
+/// A started validator.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    pub handle: tokio::task::JoinHandle<Result<(), ValidatorError>>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(api::chat_completions))
+        .route("/v1/completions", post(api::completions))
+        .route("/v1/models", get(api::list_models))
+        .route("/miner/v1/nonce", get(miners_api::nonce))
+        .route("/miner/v1/register", post(miners_api::register))
+        .route("/miner/v1/heartbeat", post(miners_api::heartbeat))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::RouteNotFound.into_response() })
+        .with_state(state)
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let instances: usize = state.registry.routable_counts().iter().map(|(_, n)| n).sum();
+    axum::Json(serde_json::json!({"status": "ok", "routable_instances": instances})).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    for (model, n) in state.registry.routable_counts() {
+        state.metrics.set("sluice_instances", &[("model", &model)], n as f64);
+        let gate = state.registry.gate(&model);
+        state
+            .metrics
+            .set("sluice_queue_depth", &[("model", &model)], gate.waiting() as f64);
+    }
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Binds, migrates, seeds the default chute and serves until `shutdown`.
+pub async fn start(config: ValidatorConfig, shutdown: CancellationToken) -> Result<Running, ValidatorError> {
+    config.validate().map_err(ValidatorError::Config)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| ValidatorError::Io(format!("creating {}: {e}", config.data_dir.display())))?;
+    let store = open_store(&config).await?;
+    store.ensure_chute(&default_chute()).await?;
+    let signing_key = load_or_create_key(&config.data_dir.join("validator.key"))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ValidatorError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ValidatorError::Io(e.to_string()))?;
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| ValidatorError::Io(format!("http client: {e}")))?;
+    let state = AppState {
+        registry: Arc::new(Registry::new(
+            Duration::from_secs_f64(config.heartbeat_timeout_s),
+            config.max_queue_per_chute,
+        )),
+        config: Arc::new(config),
+        auth: Arc::new(Auth::new(store.clone())),
+        store,
+        metrics: Arc::new(Metrics::default()),
+        http,
+        signing_key: Arc::new(signing_key),
+        nonces: Arc::new(Nonces::default()),
+        tasks: TaskTracker::new(),
+        chutes: Arc::new(RwLock::new(Arc::new(Vec::new()))),
+    };
+    state.refresh_chutes().await;
+    // Other replicas may add chutes: reload them periodically.
+    let refresher = state.clone();
+    let stop = shutdown.clone();
+    state.tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => refresher.refresh_chutes().await,
+            }
+        }
+    });
+    let app = router(state.clone());
+    let serve_state = state.clone();
+    let handle = tokio::spawn(async move {
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .map_err(|e| ValidatorError::Io(format!("server: {e}")));
+        // Let in-flight drivers write their records before closing the store.
+        serve_state.tasks.close();
+        serve_state.tasks.wait().await;
+        serve_state.store.close().await;
+        result
+    });
+    tracing::info!(%addr, "validator listening");
+    Ok(Running { addr, state, handle })
+}
