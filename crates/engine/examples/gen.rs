@@ -14,8 +14,8 @@ async fn main() {
     let req = InvokeRequest {
         request_id: "x".into(),
         model: "m".into(),
-        input: PromptInput::Text { prompt },
-        params: GenerationParams { max_tokens: Some(20), temperature: 0.0, ..Default::default() },
+        input: if std::env::var("CHAT").is_ok() { PromptInput::Chat { messages: vec![PromptMessage { role: "user".into(), content: prompt }] } } else { PromptInput::Text { prompt } },
+        params: GenerationParams { max_tokens: Some(30), temperature: 0.0, ..Default::default() },
         continuation: String::new(),
     };
     let ev: Vec<_> = e.generate(req).unwrap().collect().await;
