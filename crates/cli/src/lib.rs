@@ -17,7 +17,11 @@ use sluice_validator::ValidatorConfig;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
-#[command(name = "sluice", version, about = "Sluice: a decentralized, serverless AI inference network")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Sluice: a decentralized, serverless AI inference network"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -213,7 +217,8 @@ pub fn validator_config(args: &ValidatorArgs) -> Result<ValidatorConfig> {
     if let Some(u) = &args.database_url {
         cfg.database_url = Some(u.clone());
     }
-    cfg.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     Ok(cfg)
 }
 
@@ -235,7 +240,8 @@ async fn run_validator(args: ValidatorArgs) -> Result<()> {
 
 pub fn miner_config(args: &MinerArgs) -> Result<MinerConfig> {
     let mut cfg = match &args.config {
-        Some(p) => MinerConfig::from_toml(&read_config(p)?).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+        Some(p) => MinerConfig::from_toml(&read_config(p)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
         None => MinerConfig {
             data_dir: default_data_dir().join("miner"),
             ..Default::default()
@@ -276,12 +282,16 @@ pub fn miner_config(args: &MinerArgs) -> Result<MinerConfig> {
     } else if args.model.is_some() || args.slots.is_some() {
         bail!("--model and --slots apply to the llama engine only");
     }
-    cfg.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     Ok(cfg)
 }
 
 /// Builds a miner's engine, fetching the default model when none is given.
-pub async fn engine_for(cfg: &MinerConfig, model_dir: &Path) -> Result<Arc<dyn sluice_engine::Engine>> {
+pub async fn engine_for(
+    cfg: &MinerConfig,
+    model_dir: &Path,
+) -> Result<Arc<dyn sluice_engine::Engine>> {
     let needs_default = matches!(&cfg.engine, EngineConfig::Llama { model: None, .. });
     let model_path = if needs_default {
         let dir = model_dir.to_path_buf();
@@ -295,7 +305,10 @@ pub async fn engine_for(cfg: &MinerConfig, model_dir: &Path) -> Result<Arc<dyn s
         None
     };
     let engine_cfg = cfg.engine.clone();
-    let engine = tokio::task::spawn_blocking(move || sluice_miner::config::build_engine(&engine_cfg, model_path)).await??;
+    let engine = tokio::task::spawn_blocking(move || {
+        sluice_miner::config::build_engine(&engine_cfg, model_path)
+    })
+    .await??;
     Ok(engine)
 }
 
@@ -342,10 +355,16 @@ async fn keys(command: KeysCommand) -> Result<()> {
             database_url,
         } => {
             let store = open_store(data_dir, database_url).await?;
-            println!("{:<18} {:<20} {:<6} {:<8} name", "key id", "user", "tier", "state");
+            println!(
+                "{:<18} {:<20} {:<6} {:<8} name",
+                "key id", "user", "tier", "state"
+            );
             for k in store.list_keys().await? {
                 let state = if k.revoked { "revoked" } else { "active" };
-                println!("{:<18} {:<20} {:<6} {:<8} {}", k.key_id, k.user_id, k.tier, state, k.name);
+                println!(
+                    "{:<18} {:<20} {:<6} {:<8} {}",
+                    k.key_id, k.user_id, k.tier, state, k.name
+                );
             }
         }
         KeysCommand::Revoke {

@@ -57,7 +57,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
         anyhow::bail!("--miners must be at least 1");
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let shutdown = CancellationToken::new();
 
     let vcfg = ValidatorConfig {
@@ -69,7 +70,9 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let base = format!("http://{}", validator.addr);
     let key = bootstrap_key(&validator.state.store, &data_dir).await?;
 
-    let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(2);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(2);
     let threads = args.threads.unwrap_or((cores / args.miners).max(1));
     let mut miners = Vec::new();
     for i in 0..args.miners {
@@ -95,7 +98,13 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let wanted = args.miners as usize;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let n: usize = validator.state.registry.routable_counts().iter().map(|(_, n)| n).sum();
+        let n: usize = validator
+            .state
+            .registry
+            .routable_counts()
+            .iter()
+            .map(|(_, n)| n)
+            .sum();
         if n >= wanted {
             break;
         }
@@ -105,7 +114,10 @@ pub async fn run(args: UpArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!("ready: {base}/v1");
-    println!("api key: {key} (saved in {})", data_dir.join("api-key").display());
+    println!(
+        "api key: {key} (saved in {})",
+        data_dir.join("api-key").display()
+    );
     println!(
         "try: curl {base}/v1/chat/completions -H \"Authorization: Bearer $(cat {})\" -H 'content-type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'",
         data_dir.join("api-key").display(),

@@ -1,6 +1,8 @@
 //! End to end: `sluice up` with the real model, driven over HTTP like any
 //! OpenAI client would, then shut down with SIGTERM.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;
@@ -16,19 +18,33 @@ async fn up_serves_the_openai_api_with_the_real_model() {
     let data = dir.path().join("data");
     let model = model_in(&data);
     let (mut up, ready) = Proc::start(
-        &["up", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0", "--miners", "2"],
+        &[
+            "up",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--miners",
+            "2",
+        ],
         dir.path(),
         "up",
         "ready: ",
         Duration::from_secs(300),
     );
     let base = base_from_ready(&ready);
-    let key = std::fs::read_to_string(data.join("api-key")).unwrap().trim().to_string();
+    let key = std::fs::read_to_string(data.join("api-key"))
+        .unwrap()
+        .trim()
+        .to_string();
     assert!(key.starts_with("cpk_"));
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(data.join("api-key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(data.join("api-key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 
@@ -36,23 +52,37 @@ async fn up_serves_the_openai_api_with_the_real_model() {
     let question = format!("Repeat this word: {CANARY}");
     let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": question}],
                       "max_tokens": 12, "temperature": 0});
-    let (status, headers, body) = post(&base, "/v1/chat/completions", Some(&key), chat.clone()).await;
+    let (status, headers, body) =
+        post(&base, "/v1/chat/completions", Some(&key), chat.clone()).await;
     assert_eq!(status, 200, "{body}");
     assert!(headers.contains_key("x-request-id"));
     let v: Value = serde_json::from_str(&body).unwrap();
-    let text = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(!text.is_empty());
-    let expected_prompt: u64 = run(&["models", "tokenize", "--model", model.to_str().unwrap(), "--chat", &question])
-        .trim()
-        .parse()
-        .unwrap();
+    let expected_prompt: u64 = run(&[
+        "models",
+        "tokenize",
+        "--model",
+        model.to_str().unwrap(),
+        "--chat",
+        &question,
+    ])
+    .trim()
+    .parse()
+    .unwrap();
     assert_eq!(v["usage"]["prompt_tokens"], expected_prompt, "{body}");
     let completion = v["usage"]["completion_tokens"].as_u64().unwrap();
-    assert!(completion >= 1 && completion <= 12);
+    assert!((1..=12).contains(&completion));
     if v["choices"][0]["finish_reason"] == "length" {
         assert_eq!(completion, 12);
     }
-    assert_eq!(v["usage"]["total_tokens"].as_u64().unwrap(), expected_prompt + completion);
+    assert_eq!(
+        v["usage"]["total_tokens"].as_u64().unwrap(),
+        expected_prompt + completion
+    );
 
     // The same request streamed: same text, same usage, one id, [DONE] last.
     let mut streamed = chat.clone();
@@ -68,7 +98,9 @@ async fn up_serves_the_openai_api_with_the_real_model() {
         .map(|p| serde_json::from_str(p).unwrap())
         .collect();
     let id = chunks[0]["id"].as_str().unwrap();
-    assert!(chunks.iter().all(|c| c["id"] == id && c["object"] == "chat.completion.chunk"));
+    assert!(chunks
+        .iter()
+        .all(|c| c["id"] == id && c["object"] == "chat.completion.chunk"));
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let streamed_text: String = chunks
         .iter()
@@ -78,7 +110,10 @@ async fn up_serves_the_openai_api_with_the_real_model() {
     let usage_chunk = chunks.last().unwrap();
     assert_eq!(usage_chunk["choices"].as_array().unwrap().len(), 0);
     assert_eq!(usage_chunk["usage"], v["usage"]);
-    assert_eq!(chunks[chunks.len() - 2]["choices"][0]["finish_reason"], v["choices"][0]["finish_reason"]);
+    assert_eq!(
+        chunks[chunks.len() - 2]["choices"][0]["finish_reason"],
+        v["choices"][0]["finish_reason"]
+    );
 
     // Text completions, raw prompt: prompt tokens match the tokenizer.
     let prompt = "The capital of France is";
@@ -92,10 +127,16 @@ async fn up_serves_the_openai_api_with_the_real_model() {
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["object"], "text_completion");
-    let expected: u64 = run(&["models", "tokenize", "--model", model.to_str().unwrap(), prompt])
-        .trim()
-        .parse()
-        .unwrap();
+    let expected: u64 = run(&[
+        "models",
+        "tokenize",
+        "--model",
+        model.to_str().unwrap(),
+        prompt,
+    ])
+    .trim()
+    .parse()
+    .unwrap();
     assert_eq!(v["usage"]["prompt_tokens"], expected);
     assert_eq!(v["usage"]["completion_tokens"], 5);
     assert_eq!(v["choices"][0]["finish_reason"], "length");
@@ -111,7 +152,12 @@ async fn up_serves_the_openai_api_with_the_real_model() {
     assert_eq!(payloads.last().unwrap(), "[DONE]");
     let streamed: String = payloads[..payloads.len() - 1]
         .iter()
-        .map(|p| serde_json::from_str::<Value>(p).unwrap()["choices"][0]["text"].as_str().unwrap_or("").to_string())
+        .map(|p| {
+            serde_json::from_str::<Value>(p).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
         .collect();
     assert_eq!(streamed, v["choices"][0]["text"].as_str().unwrap());
 
@@ -125,13 +171,25 @@ async fn up_serves_the_openai_api_with_the_real_model() {
     .await;
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
-    assert!(!v["choices"][0]["text"].as_str().unwrap().contains('7'), "{body}");
+    assert!(
+        !v["choices"][0]["text"].as_str().unwrap().contains('7'),
+        "{body}"
+    );
 
     // Models list.
-    let resp = client().get(format!("{base}/v1/models")).bearer_auth(&key).send().await.unwrap();
+    let resp = client()
+        .get(format!("{base}/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();
-    assert!(v["data"].as_array().unwrap().iter().any(|m| m["id"] == MODEL));
+    assert!(v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["id"] == MODEL));
 
     // Errors, OpenAI-shaped.
     let (status, _, body) = post(&base, "/v1/chat/completions", None, chat.clone()).await;
@@ -152,7 +210,10 @@ async fn up_serves_the_openai_api_with_the_real_model() {
     assert_eq!(status, 404);
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["code"], "model_not_found");
-    assert!(v["error"]["message"].as_str().unwrap().contains(MODEL), "{body}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains(MODEL),
+        "{body}"
+    );
     let resp = client()
         .post(format!("{base}/v1/chat/completions"))
         .bearer_auth(&key)
@@ -175,10 +236,26 @@ async fn up_serves_the_openai_api_with_the_real_model() {
     assert_eq!(v["error"]["param"], "top_p");
 
     // Observability.
-    let health: Value = client().get(format!("{base}/health")).send().await.unwrap().json().await.unwrap();
+    let health: Value = client()
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["routable_instances"], 2);
-    let metrics = client().get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains(&format!("sluice_requests_total{{model=\"{MODEL}\",status=\"ok\"}}")));
+    let metrics = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(&format!(
+        "sluice_requests_total{{model=\"{MODEL}\",status=\"ok\"}}"
+    )));
     assert!(metrics.contains("sluice_time_to_first_token_seconds_count"));
     assert!(metrics.contains("sluice_generated_tokens_total"));
 
@@ -195,7 +272,11 @@ async fn up_serves_the_openai_api_with_the_real_model() {
     for entry in walk(&data) {
         let bytes = std::fs::read(&entry).unwrap();
         let hay = String::from_utf8_lossy(&bytes);
-        assert!(!hay.contains(CANARY), "prompt text found in {}", entry.display());
+        assert!(
+            !hay.contains(CANARY),
+            "prompt text found in {}",
+            entry.display()
+        );
     }
 }
 
@@ -205,7 +286,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         let p = e.path();
         if p.is_dir() {
             out.extend(walk(&p));
-        } else if p.extension().map_or(true, |x| x != "gguf") {
+        } else if p.extension().is_none_or(|x| x != "gguf") {
             out.push(p);
         }
     }
@@ -214,7 +295,9 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 async fn openai_sdk(base: &str, key: &str) {
     let Ok(python) = std::env::var("SLUICE_TEST_PYTHON") else {
-        eprintln!("skipped the openai SDK check: SLUICE_TEST_PYTHON is not set (scripts/test.sh sets it)");
+        eprintln!(
+            "skipped the openai SDK check: SLUICE_TEST_PYTHON is not set (scripts/test.sh sets it)"
+        );
         return;
     };
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk.py");

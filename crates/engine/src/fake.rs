@@ -207,6 +207,8 @@ mod tests {
         });
         let events: Vec<_> = e.generate(req(5)).unwrap().collect().await;
         assert_eq!(events.len(), 3);
-        assert!(events[1..].iter().all(|e| matches!(e, InvokeEvent::Text { .. })));
+        assert!(events[1..]
+            .iter()
+            .all(|e| matches!(e, InvokeEvent::Text { .. })));
     }
 }

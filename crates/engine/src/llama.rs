@@ -120,7 +120,8 @@ impl Tokenizer {
 
 fn template_of(model: &LlamaModel) -> ChatTemplate {
     let vocab = model.vocab();
-    let piece = |t: LlamaToken| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned();
+    let piece =
+        |t: LlamaToken| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned();
     let bos = piece(vocab.bos());
     let eos = piece(vocab.eos());
     let source = model

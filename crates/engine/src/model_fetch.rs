@@ -130,7 +130,10 @@ mod tests {
 
     #[test]
     fn model_id_from_file_name() {
-        assert_eq!(model_id_for_path(Path::new("/x/My-Model.Q4.gguf")), "My-Model.Q4");
+        assert_eq!(
+            model_id_for_path(Path::new("/x/My-Model.Q4.gguf")),
+            "My-Model.Q4"
+        );
     }
 
     #[test]

@@ -74,14 +74,19 @@ mod tests {
             out,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
-        let out = t.render(&[msg("system", "Be brief."), msg("user", "Hi")]).unwrap();
+        let out = t
+            .render(&[msg("system", "Be brief."), msg("user", "Hi")])
+            .unwrap();
         assert!(out.starts_with("<|im_start|>system\nBe brief.<|im_end|>"));
     }
 
     #[test]
     fn chatml_fallback_and_raise_exception() {
         let t = ChatTemplate::new(CHATML, "", "");
-        assert!(t.render(&[msg("user", "x")]).unwrap().ends_with("assistant\n"));
+        assert!(t
+            .render(&[msg("user", "x")])
+            .unwrap()
+            .ends_with("assistant\n"));
         let bad = ChatTemplate::new("{{ raise_exception('no system') }}", "", "");
         assert!(bad.render(&[]).unwrap_err().contains("no system"));
     }

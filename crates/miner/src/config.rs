@@ -43,7 +43,10 @@ impl MinerConfig {
 
     pub fn validate(&self) -> Result<(), String> {
         if !(self.validator.starts_with("http://") || self.validator.starts_with("https://")) {
-            return Err(format!("validator must be an http(s) URL, not `{}`", self.validator));
+            return Err(format!(
+                "validator must be an http(s) URL, not `{}`",
+                self.validator
+            ));
         }
         if let EngineConfig::Llama { slots, .. } = &self.engine {
             if *slots == 0 {
@@ -97,7 +100,10 @@ impl Default for EngineConfig {
 }
 
 /// Builds the configured engine (blocking: loads the model).
-pub fn build_engine(engine: &EngineConfig, model_path: Option<PathBuf>) -> Result<Arc<dyn Engine>, EngineError> {
+pub fn build_engine(
+    engine: &EngineConfig,
+    model_path: Option<PathBuf>,
+) -> Result<Arc<dyn Engine>, EngineError> {
     match engine {
         EngineConfig::Fake(script) => Ok(Arc::new(FakeEngine::new(script.clone()))),
         EngineConfig::Llama {

@@ -64,16 +64,20 @@ pub struct Running {
 /// Loads the miner's identity key from its data dir, creating it once.
 pub fn load_or_create_key(path: &Path) -> Result<SigningKey, MinerError> {
     if path.exists() {
-        let text = std::fs::read_to_string(path).map_err(|e| MinerError::Io(format!("reading {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| MinerError::Io(format!("reading {}: {e}", path.display())))?;
         let bytes: [u8; 32] = hex::decode(text.trim())
             .ok()
             .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| MinerError::Io(format!("{} is not a hex ed25519 key", path.display())))?;
+            .ok_or_else(|| {
+                MinerError::Io(format!("{} is not a hex ed25519 key", path.display()))
+            })?;
         return Ok(SigningKey::from_bytes(&bytes));
     }
     let key = SigningKey::generate(&mut rand::rngs::OsRng);
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| MinerError::Io(format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| MinerError::Io(format!("creating {}: {e}", dir.display())))?;
     }
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -104,7 +108,9 @@ pub async fn start(
             addr: config.listen,
             source,
         })?;
-    let addr = listener.local_addr().map_err(|e| MinerError::Io(e.to_string()))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| MinerError::Io(e.to_string()))?;
     let endpoint = config
         .advertise
         .clone()
@@ -169,11 +175,20 @@ async fn health(State(state): State<MinerState>) -> Response {
 }
 
 fn reject(status: StatusCode, message: &str) -> Response {
-    (status, axum::Json(serde_json::json!({"error": {"message": message}}))).into_response()
+    (
+        status,
+        axum::Json(serde_json::json!({"error": {"message": message}})),
+    )
+        .into_response()
 }
 
 async fn invoke(State(state): State<MinerState>, headers: HeaderMap, body: Bytes) -> Response {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
     let request_id = header(HDR_REQUEST_ID).to_string();
     let Some(vkey) = *state.validator_key.read().await else {
         return reject(StatusCode::SERVICE_UNAVAILABLE, "not registered yet");
@@ -188,7 +203,13 @@ async fn invoke(State(state): State<MinerState>, headers: HeaderMap, body: Bytes
     if now.abs_diff(ts) > 60_000 {
         return reject(StatusCode::UNAUTHORIZED, "stale invocation");
     }
-    if verify_hex(&vkey, &invoke_message(&request_id, ts, &body), header(HDR_SIGNATURE)).is_err() {
+    if verify_hex(
+        &vkey,
+        &invoke_message(&request_id, ts, &body),
+        header(HDR_SIGNATURE),
+    )
+    .is_err()
+    {
         return reject(StatusCode::UNAUTHORIZED, "bad validator signature");
     }
     let req: InvokeRequest = match serde_json::from_slice(&body) {
@@ -279,13 +300,22 @@ impl Agent {
             capacity: info.capacity,
             context_length: info.context_length,
         }];
-        let signature = sign_hex(&self.key, &register_message(&nonce.nonce, &self.endpoint, &chutes));
+        let signature = sign_hex(
+            &self.key,
+            &register_message(&nonce.nonce, &self.endpoint, &chutes),
+        );
         let req = RegisterRequest {
             miner_key: public_hex(&self.key),
             endpoint: self.endpoint.clone(),
             nonce: nonce.nonce,
             chutes,
-            hardware: format!("{} ({} cpus)", info.description, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+            hardware: format!(
+                "{} ({} cpus)",
+                info.description,
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            ),
             signature,
         };
         let resp = self
@@ -300,7 +330,9 @@ impl Agent {
             let text = resp.text().await.unwrap_or_default();
             return Err(format!("validator refused registration ({status}): {text}"));
         }
-        resp.json().await.map_err(|e| format!("bad register response: {e}"))
+        resp.json()
+            .await
+            .map_err(|e| format!("bad register response: {e}"))
     }
 
     /// Ok(false) when the validator no longer knows this miner.

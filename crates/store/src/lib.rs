@@ -55,7 +55,10 @@ impl KeyRecord {
     /// Constant-time check of a presented secret against the stored hash.
     pub fn matches(&self, secret: &str) -> bool {
         let presented = keys::hash_secret(secret);
-        presented.as_bytes().ct_eq(self.secret_hash.as_bytes()).into()
+        presented
+            .as_bytes()
+            .ct_eq(self.secret_hash.as_bytes())
+            .into()
     }
 }
 
@@ -106,8 +109,9 @@ fn random_hex(n: usize) -> String {
 impl Store {
     /// Opens (creating if needed) the SQLite database of a data dir.
     pub async fn open_data_dir(data_dir: &Path) -> Result<Store> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| StoreError::Invalid(format!("cannot create {}: {e}", data_dir.display())))?;
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            StoreError::Invalid(format!("cannot create {}: {e}", data_dir.display()))
+        })?;
         let path = data_dir.join("sluice.db");
         Store::open(&format!("sqlite://{}?mode=rwc", path.display())).await
     }
@@ -125,11 +129,8 @@ impl Store {
                 redact(url)
             )));
         };
-        let mut options = AnyPoolOptions::new().max_connections(if backend == Backend::Sqlite {
-            4
-        } else {
-            16
-        });
+        let mut options =
+            AnyPoolOptions::new().max_connections(if backend == Backend::Sqlite { 4 } else { 16 });
         if backend == Backend::Sqlite {
             options = options.after_connect(|conn, _| {
                 Box::pin(async move {
@@ -255,11 +256,12 @@ impl Store {
     }
 
     pub async fn revoke_key(&self, key_id: &str) -> Result<()> {
-        let done = sqlx::query("UPDATE api_keys SET revoked_ms = $1 WHERE id = $2 AND revoked_ms IS NULL")
-            .bind(now_ms())
-            .bind(key_id)
-            .execute(&self.pool)
-            .await?;
+        let done =
+            sqlx::query("UPDATE api_keys SET revoked_ms = $1 WHERE id = $2 AND revoked_ms IS NULL")
+                .bind(now_ms())
+                .bind(key_id)
+                .execute(&self.pool)
+                .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("active key {key_id}")));
         }
@@ -310,7 +312,12 @@ impl Store {
 
     // ---- miners ----
 
-    pub async fn upsert_miner(&self, miner_key: &str, endpoint: &str, hardware: &str) -> Result<()> {
+    pub async fn upsert_miner(
+        &self,
+        miner_key: &str,
+        endpoint: &str,
+        hardware: &str,
+    ) -> Result<()> {
         let now = now_ms();
         sqlx::query(
             "INSERT INTO miners (miner_key, endpoint, hardware, registered_ms, last_seen_ms) VALUES ($1, $2, $3, $4, $5) \

@@ -75,7 +75,12 @@ pub fn request_id(headers: &HeaderMap) -> String {
     headers
         .get(HDR_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
         .map(str::to_string)
         .unwrap_or_else(new_request_id)
 }
@@ -95,16 +100,25 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         )
     })?;
     if !value.is_object() {
-        return Err(ApiError::invalid("the request body must be a JSON object", None));
+        return Err(ApiError::invalid(
+            "the request body must be a JSON object",
+            None,
+        ));
     }
     from_value_with_param::<T>(&value).map_err(|(msg, param)| {
         // Flattened sampling fields lose their path: find the field.
-        let param = param.or_else(|| from_value_with_param::<SamplingFields>(&value).err().and_then(|(_, p)| p));
+        let param = param.or_else(|| {
+            from_value_with_param::<SamplingFields>(&value)
+                .err()
+                .and_then(|(_, p)| p)
+        });
         ApiError::invalid(format!("Invalid request: {msg}"), param)
     })
 }
 
-fn from_value_with_param<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, (String, Option<String>)> {
+fn from_value_with_param<T: DeserializeOwned>(
+    value: &serde_json::Value,
+) -> Result<T, (String, Option<String>)> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let msg = e.into_inner().to_string();
@@ -190,12 +204,13 @@ pub fn prompt_messages(req: &ChatCompletionRequest) -> Result<Vec<PromptMessage>
                     for (j, p) in parts.iter().enumerate() {
                         match (p.kind.as_str(), &p.text) {
                             ("text", Some(t)) => out.push_str(t),
-                            _ => {
-                                return Err(ApiError::invalid(
-                                    format!("content parts of type `{}` are not supported by this model", p.kind),
-                                    Some(format!("messages[{i}].content[{j}]")),
-                                ))
-                            }
+                            _ => return Err(ApiError::invalid(
+                                format!(
+                                    "content parts of type `{}` are not supported by this model",
+                                    p.kind
+                                ),
+                                Some(format!("messages[{i}].content[{j}]")),
+                            )),
                         }
                     }
                     out
@@ -250,7 +265,14 @@ fn resolve_model(state: &AppState, model: &str) -> Result<String, ApiError> {
     let hint = if close.is_empty() {
         format!("Available models: {}.", known.join(", "))
     } else {
-        format!("Did you mean {}?", close.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(" or "))
+        format!(
+            "Did you mean {}?",
+            close
+                .iter()
+                .map(|c| format!("`{c}`"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )
     };
     Err(ApiError::ModelNotFound {
         message: format!("The model `{model}` does not exist. {hint}"),
@@ -272,7 +294,9 @@ fn max_wait(state: &AppState, headers: &HeaderMap) -> Result<Duration, ApiError>
                 Some(HDR_MAX_WAIT.to_string()),
             )
         })?;
-    Ok(Duration::from_secs_f64(secs.min(state.config.max_wait_cap_s)))
+    Ok(Duration::from_secs_f64(
+        secs.min(state.config.max_wait_cap_s),
+    ))
 }
 
 fn with_request_id(mut resp: Response, id: &str) -> Response {
@@ -315,9 +339,11 @@ pub async fn completions(
 }
 
 fn count_error(state: &AppState, e: &ApiError) {
-    state
-        .metrics
-        .inc("sluice_requests_total", &[("model", "-"), ("status", e.code())], 1);
+    state.metrics.inc(
+        "sluice_requests_total",
+        &[("model", "-"), ("status", e.code())],
+        1,
+    );
 }
 
 async fn handle(
@@ -385,7 +411,10 @@ async fn handle(
     let mut rx = forward::spawn(state, job, record);
     // Hold the response until the first event: errors before any text
     // still get a proper status code.
-    let first = rx.recv().await.ok_or_else(|| ApiError::internal("driver ended without an event"))?;
+    let first = rx
+        .recv()
+        .await
+        .ok_or_else(|| ApiError::internal("driver ended without an event"))?;
     if let DriverEvent::Failed(e) = first {
         return Err(e);
     }
@@ -566,7 +595,10 @@ fn stream_response(
                     Some(ev) => sse_for(&out, ev, include_usage),
                     None => {
                         let err = ApiError::internal("generation ended unexpectedly");
-                        (format!("{}{}", encode_data(&json(&err.body())), encode_data(DONE)), Phase::Finished)
+                        (
+                            format!("{}{}", encode_data(&json(&err.body())), encode_data(DONE)),
+                            Phase::Finished,
+                        )
                     }
                 },
             };
@@ -585,15 +617,24 @@ fn stream_response(
 /// SSE frames for one driver event, and the phase after it.
 fn sse_for(out: &Output, ev: DriverEvent, include_usage: bool) -> (String, Phase) {
     match ev {
-        DriverEvent::Text(t) => (encode_data(&out.text_chunk(Some(t), false, None)), Phase::Running),
+        DriverEvent::Text(t) => (
+            encode_data(&out.text_chunk(Some(t), false, None)),
+            Phase::Running,
+        ),
         DriverEvent::Done(o) => {
             let mut s = encode_data(&out.text_chunk(
-                if out.kind == Kind::Completion { Some(String::new()) } else { None },
+                if out.kind == Kind::Completion {
+                    Some(String::new())
+                } else {
+                    None
+                },
                 false,
                 Some(o.finish_reason.as_str().to_string()),
             ));
             if include_usage {
-                s.push_str(&encode_data(&out.usage_chunk(Usage::new(o.prompt_tokens, o.completion_tokens))));
+                s.push_str(&encode_data(
+                    &out.usage_chunk(Usage::new(o.prompt_tokens, o.completion_tokens)),
+                ));
             }
             s.push_str(&encode_data(DONE));
             (s, Phase::Finished)
@@ -609,14 +650,38 @@ fn sse_for(out: &Output, ev: DriverEvent, include_usage: bool) -> (String, Phase
 pub async fn settle(state: &AppState, base: RecordBase, trace: &Trace) {
     let model = base.model.as_str();
     let m = &state.metrics;
-    m.inc("sluice_requests_total", &[("model", model), ("status", trace.status)], 1);
-    m.inc("sluice_prompt_tokens_total", &[("model", model)], trace.prompt_tokens as u64);
-    m.inc("sluice_generated_tokens_total", &[("model", model)], trace.completion_tokens as u64);
-    m.observe("sluice_queue_wait_seconds", &[("model", model)], trace.queue.as_secs_f64());
+    m.inc(
+        "sluice_requests_total",
+        &[("model", model), ("status", trace.status)],
+        1,
+    );
+    m.inc(
+        "sluice_prompt_tokens_total",
+        &[("model", model)],
+        trace.prompt_tokens as u64,
+    );
+    m.inc(
+        "sluice_generated_tokens_total",
+        &[("model", model)],
+        trace.completion_tokens as u64,
+    );
+    m.observe(
+        "sluice_queue_wait_seconds",
+        &[("model", model)],
+        trace.queue.as_secs_f64(),
+    );
     let total = base.arrived.elapsed();
-    m.observe("sluice_request_duration_seconds", &[("model", model)], total.as_secs_f64());
+    m.observe(
+        "sluice_request_duration_seconds",
+        &[("model", model)],
+        total.as_secs_f64(),
+    );
     if let Some(ttft) = trace.ttft {
-        m.observe("sluice_time_to_first_token_seconds", &[("model", model)], ttft.as_secs_f64());
+        m.observe(
+            "sluice_time_to_first_token_seconds",
+            &[("model", model)],
+            ttft.as_secs_f64(),
+        );
         let decode = total.saturating_sub(ttft).as_secs_f64();
         if trace.completion_tokens > 1 && decode > 0.0 {
             m.observe(
@@ -697,10 +762,26 @@ mod tests {
         assert_eq!(e.body().error.param.as_deref(), Some("temperature"));
         s.temperature = None;
         s.max_tokens = Some(0);
-        assert_eq!(generation_params(&s).unwrap_err().body().error.param.as_deref(), Some("max_tokens"));
+        assert_eq!(
+            generation_params(&s)
+                .unwrap_err()
+                .body()
+                .error
+                .param
+                .as_deref(),
+            Some("max_tokens")
+        );
         s.max_tokens = None;
         s.stop = Some(StopSpec::Many(vec!["a".into(); 5]));
-        assert_eq!(generation_params(&s).unwrap_err().body().error.param.as_deref(), Some("stop"));
+        assert_eq!(
+            generation_params(&s)
+                .unwrap_err()
+                .body()
+                .error
+                .param
+                .as_deref(),
+            Some("stop")
+        );
         s.stop = None;
         s.max_tokens = Some(9);
         s.max_completion_tokens = Some(5);
@@ -709,7 +790,10 @@ mod tests {
 
     #[test]
     fn json_errors_name_the_field() {
-        let e = parse_json::<ChatCompletionRequest>(br#"{"model":"m","messages":[],"temperature":"hot"}"#).unwrap_err();
+        let e = parse_json::<ChatCompletionRequest>(
+            br#"{"model":"m","messages":[],"temperature":"hot"}"#,
+        )
+        .unwrap_err();
         assert_eq!(e.body().error.param.as_deref(), Some("temperature"));
         let e = parse_json::<ChatCompletionRequest>(br#"{"messages":[]}"#).unwrap_err();
         assert_eq!(e.body().error.param.as_deref(), Some("model"));
@@ -719,9 +803,18 @@ mod tests {
 
     #[test]
     fn suggests_close_model_names() {
-        let known = vec!["HuggingFaceTB/SmolLM2-135M-Instruct".to_string(), "other/x".to_string()];
-        assert_eq!(suggestions("SmolLM2-135M-Instruct", &known), vec![known[0].clone()]);
-        assert_eq!(suggestions("huggingfacetb/smollm2-135m-instruc", &known), vec![known[0].clone()]);
+        let known = vec![
+            "HuggingFaceTB/SmolLM2-135M-Instruct".to_string(),
+            "other/x".to_string(),
+        ];
+        assert_eq!(
+            suggestions("SmolLM2-135M-Instruct", &known),
+            vec![known[0].clone()]
+        );
+        assert_eq!(
+            suggestions("huggingfacetb/smollm2-135m-instruc", &known),
+            vec![known[0].clone()]
+        );
         assert!(suggestions("gpt-4o", &known).is_empty());
     }
 
@@ -732,6 +825,9 @@ mod tests {
         )
         .unwrap();
         let e = prompt_messages(&req).unwrap_err();
-        assert_eq!(e.body().error.param.as_deref(), Some("messages[0].content[0]"));
+        assert_eq!(
+            e.body().error.param.as_deref(),
+            Some("messages[0].content[0]")
+        );
     }
 }

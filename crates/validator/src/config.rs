@@ -89,7 +89,8 @@ mod tests {
 
     #[test]
     fn loads_partial_toml_with_defaults() {
-        let c = ValidatorConfig::from_toml("listen = \"127.0.0.1:9000\"\nmax_attempts = 5\n").unwrap();
+        let c =
+            ValidatorConfig::from_toml("listen = \"127.0.0.1:9000\"\nmax_attempts = 5\n").unwrap();
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.max_attempts, 5);
         assert_eq!(c.default_max_wait_s, 30.0);

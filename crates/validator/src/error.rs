@@ -123,9 +123,9 @@ impl ApiError {
                 tracing::error!(%detail, "internal error");
                 "The server had an error while processing your request.".to_string()
             }
-            ApiError::AllTargetsFailed { attempts } => format!(
-                "Every eligible instance failed ({attempts} attempts). Please retry."
-            ),
+            ApiError::AllTargetsFailed { attempts } => {
+                format!("Every eligible instance failed ({attempts} attempts). Please retry.")
+            }
             other => other.to_string(),
         };
         ErrorBody {
@@ -158,21 +158,41 @@ mod tests {
     #[test]
     fn maps_status_code_and_type() {
         let cases = [
-            (ApiError::InvalidApiKey("bad".into()), 401, "invalid_api_key", "authentication_error"),
             (
-                ApiError::ModelNotFound { message: "x".into() },
+                ApiError::InvalidApiKey("bad".into()),
+                401,
+                "invalid_api_key",
+                "authentication_error",
+            ),
+            (
+                ApiError::ModelNotFound {
+                    message: "x".into(),
+                },
                 404,
                 "model_not_found",
                 "invalid_request_error",
             ),
-            (ApiError::invalid("bad", Some("temperature".into())), 400, "invalid_request", "invalid_request_error"),
             (
-                ApiError::NoCapacity { model: "m".into(), retry_after_s: 3 },
+                ApiError::invalid("bad", Some("temperature".into())),
+                400,
+                "invalid_request",
+                "invalid_request_error",
+            ),
+            (
+                ApiError::NoCapacity {
+                    model: "m".into(),
+                    retry_after_s: 3,
+                },
                 503,
                 "no_capacity",
                 "service_unavailable",
             ),
-            (ApiError::AllTargetsFailed { attempts: 3 }, 500, "all_targets_failed", "server_error"),
+            (
+                ApiError::AllTargetsFailed { attempts: 3 },
+                500,
+                "all_targets_failed",
+                "server_error",
+            ),
         ];
         for (err, status, code, kind) in cases {
             assert_eq!(err.status().as_u16(), status);

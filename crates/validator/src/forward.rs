@@ -68,10 +68,15 @@ enum Attempt {
         completion_tokens: u32,
     },
     /// The instance failed; `tokens` were produced before it did.
-    Failed { tokens: u32, why: String },
+    Failed {
+        tokens: u32,
+        why: String,
+    },
     /// The engine refused the input itself: no other instance would accept it.
     Rejected(String),
-    ClientGone { tokens: u32 },
+    ClientGone {
+        tokens: u32,
+    },
 }
 
 /// Facts the driver reports for metrics and the request record.
@@ -108,7 +113,9 @@ pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> 
         if trace.attempts >= max_attempts {
             {
                 trace.status = "all_targets_failed";
-                break ApiError::AllTargetsFailed { attempts: trace.attempts };
+                break ApiError::AllTargetsFailed {
+                    attempts: trace.attempts,
+                };
             }
         }
         let wait_started = Instant::now();
@@ -134,15 +141,17 @@ pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> 
                     );
                 }
                 {
-                trace.status = "all_targets_failed";
-                break ApiError::AllTargetsFailed { attempts: trace.attempts };
-            }
+                    trace.status = "all_targets_failed";
+                    break ApiError::AllTargetsFailed {
+                        attempts: trace.attempts,
+                    };
+                }
             }
             Err(AcquireError::Exhausted) => {
-                {
                 trace.status = "all_targets_failed";
-                break ApiError::AllTargetsFailed { attempts: trace.attempts };
-            }
+                break ApiError::AllTargetsFailed {
+                    attempts: trace.attempts,
+                };
             }
         };
         trace.queue += wait_started.elapsed();
@@ -212,7 +221,11 @@ pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> 
                 }
             }
             Attempt::Rejected(message) => {
-                break fail(&mut trace, ApiError::ContextLengthExceeded { message }, "invalid_request");
+                break fail(
+                    &mut trace,
+                    ApiError::ContextLengthExceeded { message },
+                    "invalid_request",
+                );
             }
             Attempt::ClientGone { tokens } => {
                 generated += tokens;
@@ -244,12 +257,23 @@ async fn attempt(
     async move {
         let body = match serde_json::to_vec(invoke) {
             Ok(b) => b,
-            Err(e) => return Attempt::Failed { tokens: 0, why: e.to_string() },
+            Err(e) => {
+                return Attempt::Failed {
+                    tokens: 0,
+                    why: e.to_string(),
+                }
+            }
         };
         let ts = sluice_store::now_ms() as u64;
-        let sig = sign_hex(&state.signing_key, &invoke_message(&invoke.request_id, ts, &body));
+        let sig = sign_hex(
+            &state.signing_key,
+            &invoke_message(&invoke.request_id, ts, &body),
+        );
         let sent = Instant::now();
-        let url = format!("{}/v1/invoke", lease.instance.endpoint.trim_end_matches('/'));
+        let url = format!(
+            "{}/v1/invoke",
+            lease.instance.endpoint.trim_end_matches('/')
+        );
         let first_timeout = Duration::from_secs_f64(state.config.first_token_timeout_s);
         let stall_timeout = Duration::from_secs_f64(state.config.stall_timeout_s);
         let request = state
@@ -263,8 +287,18 @@ async fn attempt(
             .send();
         let resp = match tokio::time::timeout(first_timeout, request).await {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => return Attempt::Failed { tokens: 0, why: format!("connect: {e}") },
-            Err(_) => return Attempt::Failed { tokens: 0, why: "no response headers in time".into() },
+            Ok(Err(e)) => {
+                return Attempt::Failed {
+                    tokens: 0,
+                    why: format!("connect: {e}"),
+                }
+            }
+            Err(_) => {
+                return Attempt::Failed {
+                    tokens: 0,
+                    why: "no response headers in time".into(),
+                }
+            }
         };
         if !resp.status().is_success() {
             return Attempt::Failed {
@@ -277,17 +311,41 @@ async fn attempt(
         let mut tokens: u32 = 0;
         let mut got_text = false;
         loop {
-            let wait = if got_text { stall_timeout } else { first_timeout };
+            let wait = if got_text {
+                stall_timeout
+            } else {
+                first_timeout
+            };
             let chunk = match tokio::time::timeout(wait, body.next()).await {
-                Err(_) => return Attempt::Failed { tokens, why: "stalled".into() },
-                Ok(None) => return Attempt::Failed { tokens, why: "stream ended early".into() },
-                Ok(Some(Err(e))) => return Attempt::Failed { tokens, why: format!("stream broke: {e}") },
+                Err(_) => {
+                    return Attempt::Failed {
+                        tokens,
+                        why: "stalled".into(),
+                    }
+                }
+                Ok(None) => {
+                    return Attempt::Failed {
+                        tokens,
+                        why: "stream ended early".into(),
+                    }
+                }
+                Ok(Some(Err(e))) => {
+                    return Attempt::Failed {
+                        tokens,
+                        why: format!("stream broke: {e}"),
+                    }
+                }
                 Ok(Some(Ok(c))) => c,
             };
             for payload in decoder.feed(&chunk) {
                 let event: InvokeEvent = match serde_json::from_str(&payload) {
                     Ok(e) => e,
-                    Err(e) => return Attempt::Failed { tokens, why: format!("bad event: {e}") },
+                    Err(e) => {
+                        return Attempt::Failed {
+                            tokens,
+                            why: format!("bad event: {e}"),
+                        }
+                    }
                 };
                 match event {
                     InvokeEvent::Started { prompt_tokens: n } => {
@@ -330,7 +388,10 @@ async fn attempt(
                     }
                     InvokeEvent::Error { message, retryable } => {
                         if retryable {
-                            return Attempt::Failed { tokens, why: message };
+                            return Attempt::Failed {
+                                tokens,
+                                why: message,
+                            };
                         }
                         return Attempt::Rejected(message);
                     }

@@ -97,12 +97,15 @@ pub fn load_or_create_key(path: &Path) -> Result<SigningKey, ValidatorError> {
         let bytes: [u8; 32] = hex::decode(text.trim())
             .ok()
             .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| ValidatorError::Io(format!("{} is not a hex ed25519 key", path.display())))?;
+            .ok_or_else(|| {
+                ValidatorError::Io(format!("{} is not a hex ed25519 key", path.display()))
+            })?;
         return Ok(SigningKey::from_bytes(&bytes));
     }
     let key = SigningKey::generate(&mut rand::rngs::OsRng);
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| ValidatorError::Io(format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ValidatorError::Io(format!("creating {}: {e}", dir.display())))?;
     }
     write_private(path, &hex::encode(key.to_bytes()))?;
     Ok(key)
@@ -174,27 +177,42 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn health(State(state): State<AppState>) -> Response {
-    let instances: usize = state.registry.routable_counts().iter().map(|(_, n)| n).sum();
+    let instances: usize = state
+        .registry
+        .routable_counts()
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
     axum::Json(serde_json::json!({"status": "ok", "routable_instances": instances})).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
     for (model, n) in state.registry.routable_counts() {
-        state.metrics.set("sluice_instances", &[("model", &model)], n as f64);
-        let gate = state.registry.gate(&model);
         state
             .metrics
-            .set("sluice_queue_depth", &[("model", &model)], gate.waiting() as f64);
+            .set("sluice_instances", &[("model", &model)], n as f64);
+        let gate = state.registry.gate(&model);
+        state.metrics.set(
+            "sluice_queue_depth",
+            &[("model", &model)],
+            gate.waiting() as f64,
+        );
     }
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         state.metrics.render(),
     )
         .into_response()
 }
 
 /// Binds, migrates, seeds the default chute and serves until `shutdown`.
-pub async fn start(config: ValidatorConfig, shutdown: CancellationToken) -> Result<Running, ValidatorError> {
+pub async fn start(
+    config: ValidatorConfig,
+    shutdown: CancellationToken,
+) -> Result<Running, ValidatorError> {
     config.validate().map_err(ValidatorError::Config)?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| ValidatorError::Io(format!("creating {}: {e}", config.data_dir.display())))?;
@@ -257,5 +275,9 @@ pub async fn start(config: ValidatorConfig, shutdown: CancellationToken) -> Resu
         result
     });
     tracing::info!(%addr, "validator listening");
-    Ok(Running { addr, state, handle })
+    Ok(Running {
+        addr,
+        state,
+        handle,
+    })
 }

@@ -43,17 +43,57 @@ struct Inner {
 
 /// Help text of every metric, in render order.
 const HELP: &[(&str, &str, &str)] = &[
-    ("sluice_requests_total", "counter", "API requests by model and outcome."),
-    ("sluice_prompt_tokens_total", "counter", "Prompt tokens processed, from engine counts."),
-    ("sluice_generated_tokens_total", "counter", "Completion tokens generated, from engine counts."),
-    ("sluice_failovers_total", "counter", "Retries and mid-stream failovers to another instance."),
-    ("sluice_queue_wait_seconds", "histogram", "Time a request waited for a free instance slot."),
-    ("sluice_time_to_first_token_seconds", "histogram", "Time from request arrival to the first generated text."),
-    ("sluice_request_duration_seconds", "histogram", "Time from request arrival to the end of the response."),
-    ("sluice_gateway_overhead_seconds", "histogram", "Validator time before forwarding, excluding queue wait and upstream time."),
-    ("sluice_decode_tokens_per_second", "histogram", "Per-request generation speed after the first token."),
+    (
+        "sluice_requests_total",
+        "counter",
+        "API requests by model and outcome.",
+    ),
+    (
+        "sluice_prompt_tokens_total",
+        "counter",
+        "Prompt tokens processed, from engine counts.",
+    ),
+    (
+        "sluice_generated_tokens_total",
+        "counter",
+        "Completion tokens generated, from engine counts.",
+    ),
+    (
+        "sluice_failovers_total",
+        "counter",
+        "Retries and mid-stream failovers to another instance.",
+    ),
+    (
+        "sluice_queue_wait_seconds",
+        "histogram",
+        "Time a request waited for a free instance slot.",
+    ),
+    (
+        "sluice_time_to_first_token_seconds",
+        "histogram",
+        "Time from request arrival to the first generated text.",
+    ),
+    (
+        "sluice_request_duration_seconds",
+        "histogram",
+        "Time from request arrival to the end of the response.",
+    ),
+    (
+        "sluice_gateway_overhead_seconds",
+        "histogram",
+        "Validator time before forwarding, excluding queue wait and upstream time.",
+    ),
+    (
+        "sluice_decode_tokens_per_second",
+        "histogram",
+        "Per-request generation speed after the first token.",
+    ),
     ("sluice_instances", "gauge", "Routable instances per model."),
-    ("sluice_queue_depth", "gauge", "Requests waiting for capacity per model."),
+    (
+        "sluice_queue_depth",
+        "gauge",
+        "Requests waiting for capacity per model.",
+    ),
 ];
 
 #[derive(Default)]
@@ -115,7 +155,9 @@ impl Metrics {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn fmt_labels(l: &Labels, le: Option<&str>) -> String {
@@ -140,12 +182,20 @@ mod tests {
     #[test]
     fn renders_prometheus_text() {
         let m = Metrics::default();
-        m.inc("sluice_requests_total", &[("model", "a\"b"), ("status", "ok")], 2);
+        m.inc(
+            "sluice_requests_total",
+            &[("model", "a\"b"), ("status", "ok")],
+            2,
+        );
         m.observe("sluice_time_to_first_token_seconds", &[("model", "m")], 0.3);
         let text = m.render();
         assert!(text.contains("sluice_requests_total{model=\"a\\\"b\",status=\"ok\"} 2"));
-        assert!(text.contains("sluice_time_to_first_token_seconds_bucket{model=\"m\",le=\"0.5\"} 1"));
-        assert!(text.contains("sluice_time_to_first_token_seconds_bucket{model=\"m\",le=\"0.25\"} 0"));
+        assert!(
+            text.contains("sluice_time_to_first_token_seconds_bucket{model=\"m\",le=\"0.5\"} 1")
+        );
+        assert!(
+            text.contains("sluice_time_to_first_token_seconds_bucket{model=\"m\",le=\"0.25\"} 0")
+        );
         assert!(text.contains("sluice_time_to_first_token_seconds_count{model=\"m\"} 1"));
         assert!(text.contains("# TYPE sluice_queue_depth gauge"));
     }

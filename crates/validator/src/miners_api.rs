@@ -37,7 +37,10 @@ impl Nonces {
         let mut b = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut b);
         let nonce = hex::encode(b);
-        let mut map = self.issued.lock().map_err(|_| ApiError::internal("nonce lock"))?;
+        let mut map = self
+            .issued
+            .lock()
+            .map_err(|_| ApiError::internal("nonce lock"))?;
         let now = now_ms();
         if map.len() >= MAX_NONCES {
             map.retain(|_, exp| *exp > now);
@@ -78,7 +81,10 @@ pub async fn register(State(state): State<AppState>, body: axum::body::Body) -> 
     }
 }
 
-async fn register_inner(state: &AppState, body: axum::body::Body) -> Result<RegisterResponse, ApiError> {
+async fn register_inner(
+    state: &AppState,
+    body: axum::body::Body,
+) -> Result<RegisterResponse, ApiError> {
     let bytes = axum::body::to_bytes(body, 64 * 1024)
         .await
         .map_err(|_| ApiError::BodyTooLarge { limit: 64 * 1024 })?;
@@ -88,13 +94,23 @@ async fn register_inner(state: &AppState, body: axum::body::Body) -> Result<Regi
     if !state.nonces.take(&req.nonce) {
         return Err(ApiError::Forbidden("unknown or expired nonce".into()));
     }
-    verify_hex(&key, &register_message(&req.nonce, &req.endpoint, &req.chutes), &req.signature)
-        .map_err(|e| ApiError::Forbidden(format!("registration signature: {e}")))?;
+    verify_hex(
+        &key,
+        &register_message(&req.nonce, &req.endpoint, &req.chutes),
+        &req.signature,
+    )
+    .map_err(|e| ApiError::Forbidden(format!("registration signature: {e}")))?;
     if !(req.endpoint.starts_with("http://") || req.endpoint.starts_with("https://")) {
-        return Err(ApiError::invalid("endpoint must be an http(s) URL", Some("endpoint".to_string())));
+        return Err(ApiError::invalid(
+            "endpoint must be an http(s) URL",
+            Some("endpoint".to_string()),
+        ));
     }
     if req.chutes.is_empty() {
-        return Err(ApiError::invalid("offer at least one chute", Some("chutes".to_string())));
+        return Err(ApiError::invalid(
+            "offer at least one chute",
+            Some("chutes".to_string()),
+        ));
     }
     let known = state.chute_ids();
     let mut instances = Vec::new();
@@ -155,10 +171,16 @@ pub async fn heartbeat(State(state): State<AppState>, body: axum::body::Body) ->
             .map_err(|e| ApiError::invalid(e.to_string(), Some("miner_key".to_string())))?;
         let skew = (now_ms() - hb.timestamp_ms as i64).abs();
         if skew > 60_000 {
-            return Err(ApiError::Forbidden("heartbeat timestamp too far from now".into()));
+            return Err(ApiError::Forbidden(
+                "heartbeat timestamp too far from now".into(),
+            ));
         }
-        verify_hex(&key, &heartbeat_message(&hb.endpoint, hb.timestamp_ms), &hb.signature)
-            .map_err(|e| ApiError::Forbidden(format!("heartbeat signature: {e}")))?;
+        verify_hex(
+            &key,
+            &heartbeat_message(&hb.endpoint, hb.timestamp_ms),
+            &hb.signature,
+        )
+        .map_err(|e| ApiError::Forbidden(format!("heartbeat signature: {e}")))?;
         if !state.registry.heartbeat(&hb.miner_key) {
             return Err(ApiError::RouteNotFound);
         }

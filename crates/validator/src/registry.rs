@@ -33,7 +33,14 @@ pub struct Instance {
 }
 
 impl Instance {
-    pub fn new(id: String, miner_key: &str, endpoint: &str, model: &str, capacity: u32, context_length: u32) -> Self {
+    pub fn new(
+        id: String,
+        miner_key: &str,
+        endpoint: &str,
+        model: &str,
+        capacity: u32,
+        context_length: u32,
+    ) -> Self {
         Instance {
             id,
             miner_key: miner_key.to_string(),
@@ -76,7 +83,8 @@ impl Instance {
     pub fn record_failure(&self) {
         let n = self.consecutive_failures.fetch_add(1, Ordering::SeqCst) + 1;
         let backoff = (250i64 << (n - 1).min(7)).min(30_000);
-        self.down_until_ms.store(now_ms() + backoff, Ordering::SeqCst);
+        self.down_until_ms
+            .store(now_ms() + backoff, Ordering::SeqCst);
     }
 
     pub fn record_success(&self, first_event: Duration) {
@@ -225,7 +233,9 @@ impl Registry {
             .map(|(m, l)| {
                 (
                     m.clone(),
-                    l.iter().filter(|i| i.routable(now, self.heartbeat_timeout_ms)).count(),
+                    l.iter()
+                        .filter(|i| i.routable(now, self.heartbeat_timeout_ms))
+                        .count(),
                 )
             })
             .collect()

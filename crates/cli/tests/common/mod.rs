@@ -1,5 +1,5 @@
 //! Helpers for end-to-end tests: real `sluice` processes on random ports.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -22,12 +22,21 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `sluice ARGS` and waits for a stdout line starting with `prefix`.
-    pub fn start(args: &[&str], log_dir: &Path, name: &str, prefix: &str, timeout: Duration) -> (Proc, String) {
+    pub fn start(
+        args: &[&str],
+        log_dir: &Path,
+        name: &str,
+        prefix: &str,
+        timeout: Duration,
+    ) -> (Proc, String) {
         let stderr_path = log_dir.join(format!("{name}.stderr"));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut child = Command::new(bin())
             .args(args)
-            .env("SLUICE_LOG", "info,sluice_validator=debug,sluice_miner=debug")
+            .env(
+                "SLUICE_LOG",
+                "info,sluice_validator=debug,sluice_miner=debug",
+            )
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
