@@ -204,13 +204,15 @@ pub fn prompt_messages(req: &ChatCompletionRequest) -> Result<Vec<PromptMessage>
                     for (j, p) in parts.iter().enumerate() {
                         match (p.kind.as_str(), &p.text) {
                             ("text", Some(t)) => out.push_str(t),
-                            _ => return Err(ApiError::invalid(
-                                format!(
+                            _ => {
+                                return Err(ApiError::invalid(
+                                    format!(
                                     "content parts of type `{}` are not supported by this model",
                                     p.kind
                                 ),
-                                Some(format!("messages[{i}].content[{j}]")),
-                            )),
+                                    Some(format!("messages[{i}].content[{j}]")),
+                                ))
+                            }
                         }
                     }
                     out
@@ -398,6 +400,7 @@ async fn handle(
         input,
         params,
         deadline: arrived + wait,
+        priority: u8::from(caller.tier == "paid"),
     };
     let record = RecordBase {
         id: id.to_string(),

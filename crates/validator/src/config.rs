@@ -48,7 +48,7 @@ impl Default for ValidatorConfig {
             max_attempts: 3,
             first_token_timeout_s: 60.0,
             stall_timeout_s: 30.0,
-            heartbeat_timeout_s: 10.0,
+            heartbeat_timeout_s: 6.0,
             allow_miner_chutes: true,
         }
     }

@@ -36,6 +36,8 @@ pub struct Job {
     pub params: GenerationParams,
     /// Latest time the request may still be waiting for a slot.
     pub deadline: Instant,
+    /// Queue priority (paid before free).
+    pub priority: u8,
 }
 
 /// Tokens served by one miner for one request.
@@ -103,6 +105,7 @@ pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> 
     let mut prompt_tokens: Option<u32> = None;
     let mut generated: u32 = 0;
     let max_attempts = state.config.max_attempts;
+    state.retry_budget.deposit();
 
     let fail = |trace: &mut Trace, err: ApiError, status: &'static str| {
         trace.status = status;
@@ -126,7 +129,18 @@ pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> 
         } else {
             job.deadline.max(Instant::now() + Duration::from_secs(10))
         };
-        let lease = match state.registry.acquire(&job.model, deadline, &tried).await {
+        if trace.attempts > 0 && !state.retry_budget.try_spend() {
+            tracing::warn!("retry budget exhausted; not retrying");
+            trace.status = "all_targets_failed";
+            break ApiError::AllTargetsFailed {
+                attempts: trace.attempts,
+            };
+        }
+        let mut lease = match state
+            .registry
+            .acquire(&job.model, deadline, &tried, job.priority)
+            .await
+        {
             Ok(l) => l,
             Err(AcquireError::NoCapacity { retry_after_s }) => {
                 trace.queue += wait_started.elapsed();
@@ -178,7 +192,7 @@ pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> 
         };
         let outcome = attempt(
             &state,
-            &lease,
+            &mut lease,
             &invoke,
             &tx,
             &mut produced,
@@ -211,7 +225,7 @@ pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> 
             }
             Attempt::Failed { tokens, why } => {
                 tracing::warn!(instance = %lease.instance.id, %why, tokens, "attempt failed; trying another instance");
-                lease.instance.record_failure();
+                lease.failed();
                 generated += tokens;
                 if tokens > 0 {
                     contributions.push(Contribution {
@@ -245,7 +259,7 @@ pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> 
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
     state: &AppState,
-    lease: &Lease,
+    lease: &mut Lease,
     invoke: &InvokeRequest,
     tx: &mpsc::Sender<DriverEvent>,
     produced: &mut String,
@@ -356,7 +370,7 @@ async fn attempt(
                     InvokeEvent::Text { text, tokens: n } => {
                         if !got_text {
                             got_text = true;
-                            lease.instance.record_success(sent.elapsed());
+                            lease.succeeded(sent.elapsed());
                             if trace.ttft.is_none() {
                                 trace.ttft = Some(started.elapsed());
                             }
@@ -376,7 +390,7 @@ async fn attempt(
                         ..
                     } => {
                         if !got_text {
-                            lease.instance.record_success(sent.elapsed());
+                            lease.succeeded(sent.elapsed());
                             if trace.ttft.is_none() {
                                 trace.ttft = Some(started.elapsed());
                             }

@@ -10,6 +10,7 @@ pub mod forward;
 pub mod metrics;
 pub mod miners_api;
 pub mod registry;
+pub mod retry;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -60,6 +61,7 @@ pub struct AppState {
     pub http: reqwest::Client,
     pub signing_key: Arc<SigningKey>,
     pub nonces: Arc<Nonces>,
+    pub retry_budget: Arc<retry::RetryBudget>,
     pub tasks: TaskTracker,
     chutes: Arc<RwLock<Arc<Vec<Chute>>>>,
 }
@@ -208,6 +210,45 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Actively probes every instance's `/health`; failures take an instance
+/// out of routing at once, recoveries bring it back (after its flap
+/// back-off), whatever the miner's heartbeats say.
+async fn probe_loop(state: AppState, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(retry::PROBE_INTERVAL) => {}
+        }
+        let instances = state.registry.all();
+        let probes = instances.iter().map(|inst| {
+            let http = state.http.clone();
+            let url = format!("{}/health", inst.endpoint.trim_end_matches('/'));
+            async move {
+                let ok = matches!(
+                    tokio::time::timeout(retry::PROBE_TIMEOUT, http.get(&url).send()).await,
+                    Ok(Ok(r)) if r.status().is_success()
+                );
+                (inst, ok)
+            }
+        });
+        let results = futures_util::future::join_all(probes).await;
+        let now = now_ms();
+        for (inst, ok) in results {
+            if ok {
+                if inst.probe_ok(now) {
+                    tracing::info!(instance = %inst.id, "instance back in routing");
+                    state.registry.dispatch(&inst.model);
+                }
+            } else if !inst.is_probe_down() {
+                tracing::warn!(instance = %inst.id, "health probe failed; instance out of routing");
+                inst.probe_failed(now);
+            } else {
+                inst.probe_failed(now);
+            }
+        }
+    }
+}
+
 /// Binds, migrates, seeds the default chute and serves until `shutdown`.
 pub async fn start(
     config: ValidatorConfig,
@@ -246,6 +287,7 @@ pub async fn start(
         http,
         signing_key: Arc::new(signing_key),
         nonces: Arc::new(Nonces::default()),
+        retry_budget: Arc::new(retry::RetryBudget::default()),
         tasks: TaskTracker::new(),
         chutes: Arc::new(RwLock::new(Arc::new(Vec::new()))),
     };
@@ -261,6 +303,11 @@ pub async fn start(
             }
         }
     });
+    let prober = state.clone();
+    let stop = shutdown.clone();
+    state
+        .tasks
+        .spawn(async move { probe_loop(prober, stop).await });
     let app = router(state.clone());
     let serve_state = state.clone();
     let handle = tokio::spawn(async move {

@@ -1,18 +1,41 @@
-//! Routable instances per model and the admission path to them: health
-//! (heartbeats, failure back-off), load-aware selection (power of two
-//! choices over outstanding requests weighted by latency) and a bounded
-//! per-chute wait with a deadline instead of an instant 503.
+//! Routable instances per model and the admission path to them.
+//!
+//! - Health: an instance is routable while its miner's heartbeats are
+//!   fresh, its last active probe succeeded, and its circuit breaker
+//!   admits traffic. A probe failure takes it out at once; it comes back
+//!   after a successful probe once its flap back-off (1 s doubling to
+//!   30 s for instances that keep going down) has passed.
+//! - Selection: power of two choices over free instances, cost =
+//!   (outstanding + 1) x peak-EWMA latency; never a full instance, never
+//!   one whose breaker refuses.
+//! - Admission: a bounded per-model queue, ordered by priority then
+//!   arrival. Freed or new capacity is handed to waiters in that order;
+//!   a waiter whose deadline passes leaves with `NoCapacity`.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rand::Rng;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::retry::Breaker;
 use sluice_store::now_ms;
+
+const FLAP_BASE_MS: i64 = 1_000;
+const FLAP_MAX_MS: i64 = 30_000;
+/// A probe failure this long after the previous one starts a new count.
+const FLAP_MEMORY_MS: i64 = 60_000;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
 
 /// One model served by one miner.
 #[derive(Debug)]
@@ -25,11 +48,14 @@ pub struct Instance {
     pub context_length: u32,
     outstanding: AtomicU32,
     last_heartbeat_ms: AtomicI64,
-    /// Not routable before this time (failure back-off).
-    down_until_ms: AtomicI64,
-    consecutive_failures: AtomicU32,
+    /// Not routable before this time (failed probe, flap back-off).
+    probe_down_until_ms: AtomicI64,
+    probe_down: std::sync::atomic::AtomicBool,
+    probe_failures: AtomicU32,
+    last_probe_failure_ms: AtomicI64,
     /// Peak-sensitive EWMA of time to first event, microseconds.
     latency_us: AtomicU64,
+    pub breaker: Breaker,
 }
 
 impl Instance {
@@ -50,9 +76,12 @@ impl Instance {
             context_length,
             outstanding: AtomicU32::new(0),
             last_heartbeat_ms: AtomicI64::new(now_ms()),
-            down_until_ms: AtomicI64::new(0),
-            consecutive_failures: AtomicU32::new(0),
+            probe_down_until_ms: AtomicI64::new(0),
+            probe_down: std::sync::atomic::AtomicBool::new(false),
+            probe_failures: AtomicU32::new(0),
+            last_probe_failure_ms: AtomicI64::new(0),
             latency_us: AtomicU64::new(0),
+            breaker: Breaker::default(),
         }
     }
 
@@ -60,9 +89,14 @@ impl Instance {
         self.outstanding.load(Ordering::SeqCst)
     }
 
-    fn routable(&self, now: i64, heartbeat_timeout_ms: i64) -> bool {
+    /// Healthy by heartbeat and probe (the breaker is checked separately).
+    pub fn healthy(&self, now: i64, heartbeat_timeout_ms: i64) -> bool {
         now - self.last_heartbeat_ms.load(Ordering::SeqCst) <= heartbeat_timeout_ms
-            && self.down_until_ms.load(Ordering::SeqCst) <= now
+            && !self.probe_down.load(Ordering::SeqCst)
+    }
+
+    fn routable(&self, now: i64, heartbeat_timeout_ms: i64) -> bool {
+        self.healthy(now, heartbeat_timeout_ms) && self.breaker.admits(now)
     }
 
     fn try_reserve(&self) -> bool {
@@ -73,74 +107,129 @@ impl Instance {
             .is_ok()
     }
 
+    fn unreserve(&self) {
+        self.outstanding.fetch_sub(1, Ordering::SeqCst);
+    }
+
     /// Selection cost: outstanding work scaled by observed latency.
     fn cost(&self) -> u128 {
         let lat = self.latency_us.load(Ordering::Relaxed).max(1) as u128;
         (self.outstanding() as u128 + 1) * lat
     }
 
-    /// A failed attempt: back off exponentially (250 ms doubling to 30 s).
-    pub fn record_failure(&self) {
-        let n = self.consecutive_failures.fetch_add(1, Ordering::SeqCst) + 1;
-        let backoff = (250i64 << (n - 1).min(7)).min(30_000);
-        self.down_until_ms
-            .store(now_ms() + backoff, Ordering::SeqCst);
-    }
-
-    pub fn record_success(&self, first_event: Duration) {
-        self.consecutive_failures.store(0, Ordering::SeqCst);
-        let sample = first_event.as_micros().min(u64::MAX as u128) as u64;
-        let _ = self
-            .latency_us
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                // Peak EWMA: jump up at once, decay slowly.
-                Some(if old == 0 || sample > old {
-                    sample
-                } else {
-                    (old * 7 + sample) / 8
-                })
-            });
-    }
-
     pub fn heartbeat(&self) {
         self.last_heartbeat_ms.store(now_ms(), Ordering::SeqCst);
     }
+
+    /// An active probe failed: out of routing now; the next readmission
+    /// waits longer the more often this instance has gone down recently.
+    pub fn probe_failed(&self, now: i64) {
+        let last = self.last_probe_failure_ms.swap(now, Ordering::SeqCst);
+        let was_down = self.probe_down.swap(true, Ordering::SeqCst);
+        if was_down {
+            return;
+        }
+        let n = if now - last > FLAP_MEMORY_MS {
+            self.probe_failures.store(1, Ordering::SeqCst);
+            1
+        } else {
+            self.probe_failures.fetch_add(1, Ordering::SeqCst) + 1
+        };
+        let backoff = (FLAP_BASE_MS << (n - 1).min(10)).min(FLAP_MAX_MS);
+        self.probe_down_until_ms
+            .store(now + backoff, Ordering::SeqCst);
+    }
+
+    /// An active probe succeeded; true if this readmitted the instance.
+    pub fn probe_ok(&self, now: i64) -> bool {
+        if self.probe_down.load(Ordering::SeqCst)
+            && now >= self.probe_down_until_ms.load(Ordering::SeqCst)
+        {
+            self.probe_down.store(false, Ordering::SeqCst);
+            return true;
+        }
+        false
+    }
+
+    pub fn is_probe_down(&self) -> bool {
+        self.probe_down.load(Ordering::SeqCst)
+    }
 }
 
-/// Per-chute waiting room.
+/// A waiting request.
+#[derive(Debug)]
+struct Waiter {
+    exclude: Vec<String>,
+    assigned: Mutex<Option<Arc<Instance>>>,
+    notify: Notify,
+}
+
+type QueueKey = (Reverse<u8>, u64);
+
+/// Per-model waiting room.
 #[derive(Debug, Default)]
 pub struct ChuteGate {
-    notify: Notify,
-    waiting: AtomicUsize,
+    queue: Mutex<BTreeMap<QueueKey, Arc<Waiter>>>,
+    seq: AtomicU64,
     /// EWMA of how long a lease is held, milliseconds.
     service_ms: AtomicU64,
 }
 
 impl ChuteGate {
     pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::SeqCst)
+        lock(&self.queue).len()
     }
 }
 
-/// A reserved slot on an instance; released on drop.
+/// A reserved slot on an instance; released on drop. The outcome of the
+/// attempt is reported through [`Lease::succeeded`] / [`Lease::failed`].
 #[derive(Debug)]
 pub struct Lease {
     pub instance: Arc<Instance>,
-    gate: Arc<ChuteGate>,
+    registry: Arc<Registry>,
     since: Instant,
+    reported: bool,
+}
+
+impl Lease {
+    /// The instance answered; `first_event` feeds the latency EWMA.
+    pub fn succeeded(&mut self, first_event: Duration) {
+        self.reported = true;
+        self.instance.breaker.on_success();
+        let sample = first_event.as_micros().min(u64::MAX as u128) as u64;
+        let _ =
+            self.instance
+                .latency_us
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                    // Peak EWMA: jump up at once, decay slowly.
+                    Some(if old == 0 || sample > old {
+                        sample
+                    } else {
+                        (old * 7 + sample) / 8
+                    })
+                });
+    }
+
+    pub fn failed(&mut self) {
+        self.reported = true;
+        self.instance.breaker.on_failure(now_ms());
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.instance.outstanding.fetch_sub(1, Ordering::SeqCst);
+        if !self.reported {
+            self.instance.breaker.release();
+        }
+        self.instance.unreserve();
+        let gate = self.registry.gate(&self.instance.model);
         let held = self.since.elapsed().as_millis() as u64;
-        let _ = self
-            .gate
+        let _ = gate
             .service_ms
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
                 Some(if old == 0 { held } else { (old * 7 + held) / 8 })
             });
-        self.gate.notify.notify_waiters();
+        self.registry.dispatch(&self.instance.model);
     }
 }
 
@@ -152,11 +241,21 @@ pub enum AcquireError {
     Exhausted,
 }
 
+#[derive(Debug)]
 pub struct Registry {
     instances: RwLock<HashMap<String, Vec<Arc<Instance>>>>,
     gates: RwLock<HashMap<String, Arc<ChuteGate>>>,
     heartbeat_timeout_ms: i64,
     max_queue: usize,
+}
+
+/// Why no instance could be picked right now.
+#[derive(Debug, PartialEq, Eq)]
+enum PickMiss {
+    /// No untried healthy instance exists.
+    NoneEligible,
+    /// Eligible instances exist but all are full or refusing.
+    Busy,
 }
 
 impl Registry {
@@ -182,44 +281,54 @@ impl Registry {
         g.entry(model.to_string()).or_default().clone()
     }
 
-    /// Replaces every instance of `miner_key` with `new` (a key re-registering
-    /// from a new endpoint does not keep its old instances).
+    /// Replaces every instance of `miner_key` with `new` (a key
+    /// re-registering from a new endpoint keeps no old instances).
     pub fn replace_miner(&self, miner_key: &str, new: Vec<Arc<Instance>>) {
-        let models: Vec<String> = new.iter().map(|i| i.model.clone()).collect();
+        let mut models: Vec<String> = new.iter().map(|i| i.model.clone()).collect();
         {
             let mut map = match self.instances.write() {
                 Ok(m) => m,
                 Err(p) => p.into_inner(),
             };
-            for list in map.values_mut() {
+            for (model, list) in map.iter_mut() {
+                let before = list.len();
                 list.retain(|i| i.miner_key != miner_key);
+                if list.len() != before {
+                    models.push(model.clone());
+                }
             }
             for inst in new {
                 map.entry(inst.model.clone()).or_default().push(inst);
             }
         }
+        models.sort();
+        models.dedup();
         for m in models {
-            self.gate(&m).notify.notify_waiters();
+            self.dispatch(&m);
         }
     }
 
     /// Records a heartbeat; false when the miner has no instances here.
     pub fn heartbeat(&self, miner_key: &str) -> bool {
+        let mut models = Vec::new();
+        for inst in self.all().iter().filter(|i| i.miner_key == miner_key) {
+            inst.heartbeat();
+            models.push(inst.model.clone());
+        }
+        models.dedup();
+        for m in &models {
+            self.dispatch(m);
+        }
+        !models.is_empty()
+    }
+
+    /// Every instance of every model.
+    pub fn all(&self) -> Vec<Arc<Instance>> {
         let map = match self.instances.read() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        let mut found = false;
-        for inst in map.values().flatten().filter(|i| i.miner_key == miner_key) {
-            inst.heartbeat();
-            found = true;
-        }
-        if found {
-            for model in map.keys() {
-                self.gate(model).notify.notify_waiters();
-            }
-        }
-        found
+        map.values().flatten().cloned().collect()
     }
 
     /// Routable instances per model (for metrics and the status page).
@@ -249,89 +358,164 @@ impl Registry {
     }
 
     /// Picks and reserves an instance now, if one is free.
-    /// `Err(true)` = no untried routable instance exists at all.
-    fn try_pick(&self, model: &str, exclude: &[String]) -> Result<Arc<Instance>, bool> {
+    fn try_pick(&self, model: &str, exclude: &[String]) -> Result<Arc<Instance>, PickMiss> {
         let now = now_ms();
-        let candidates: Vec<Arc<Instance>> = self
-            .instances_of(model)
-            .into_iter()
-            .filter(|i| i.routable(now, self.heartbeat_timeout_ms) && !exclude.contains(&i.id))
-            .collect();
-        if candidates.is_empty() {
-            return Err(true);
-        }
-        for _ in 0..4 {
-            let free: Vec<&Arc<Instance>> = candidates
-                .iter()
-                .filter(|i| i.outstanding() < i.capacity)
-                .collect();
-            let pick = match free.len() {
-                0 => return Err(false),
-                1 => free[0],
-                n => {
-                    let mut rng = rand::thread_rng();
-                    let a = rng.gen_range(0..n);
-                    let mut b = rng.gen_range(0..n - 1);
-                    if b >= a {
-                        b += 1;
-                    }
-                    if free[b].cost() < free[a].cost() {
-                        free[b]
-                    } else {
-                        free[a]
-                    }
-                }
-            };
-            if pick.try_reserve() {
-                return Ok(pick.clone());
+        let instances = self.instances_of(model);
+        let mut free: Vec<&Arc<Instance>> = Vec::with_capacity(instances.len().min(64));
+        let mut eligible = false;
+        for i in &instances {
+            if !i.healthy(now, self.heartbeat_timeout_ms) || exclude.contains(&i.id) {
+                continue;
+            }
+            eligible = true;
+            if i.outstanding() < i.capacity && i.breaker.admits(now) {
+                free.push(i);
             }
         }
-        Err(false)
+        if !eligible {
+            return Err(PickMiss::NoneEligible);
+        }
+        let mut rng = rand::thread_rng();
+        while !free.is_empty() {
+            let n = free.len();
+            let idx = if n == 1 {
+                0
+            } else {
+                let a = rng.gen_range(0..n);
+                let mut b = rng.gen_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                if free[b].cost() < free[a].cost() {
+                    b
+                } else {
+                    a
+                }
+            };
+            let pick = free[idx];
+            if pick.try_reserve() {
+                if pick.breaker.claim(now) {
+                    return Ok(pick.clone());
+                }
+                pick.unreserve();
+            }
+            free.swap_remove(idx);
+        }
+        Err(PickMiss::Busy)
+    }
+
+    /// Hands free capacity of `model` to its waiters, in queue order.
+    pub fn dispatch(&self, model: &str) {
+        let gate = self.gate(model);
+        let mut queue = lock(&gate.queue);
+        if queue.is_empty() {
+            return;
+        }
+        let mut served = Vec::new();
+        for (key, waiter) in queue.iter() {
+            match self.try_pick(model, &waiter.exclude) {
+                Ok(inst) => {
+                    *lock(&waiter.assigned) = Some(inst);
+                    waiter.notify.notify_one();
+                    served.push(*key);
+                }
+                // Nothing free for a waiter without exclusions means
+                // nothing is free for anyone behind it either.
+                Err(PickMiss::Busy) if waiter.exclude.is_empty() => break,
+                Err(_) => {
+                    // Let a waiter with no untried instance give up.
+                    waiter.notify.notify_one();
+                }
+            }
+        }
+        for key in served {
+            queue.remove(&key);
+        }
     }
 
     /// Waits for a slot on an instance of `model` until `deadline`.
+    /// Higher `priority` waiters are served first; FIFO within a priority.
     pub async fn acquire(
-        &self,
+        self: &Arc<Self>,
         model: &str,
         deadline: Instant,
         exclude: &[String],
+        priority: u8,
     ) -> Result<Lease, AcquireError> {
         let gate = self.gate(model);
-        if gate.waiting() >= self.max_queue {
-            return Err(AcquireError::NoCapacity {
-                retry_after_s: self.retry_after(model, &gate),
-            });
-        }
-        gate.waiting.fetch_add(1, Ordering::SeqCst);
-        let _waiting = WaitGuard(&gate);
-        // Tried instances can't be retried; any others may come back.
-        let had_tried = !exclude.is_empty();
-        loop {
-            let notified = gate.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            match self.try_pick(model, exclude) {
-                Ok(instance) => {
-                    return Ok(Lease {
-                        instance,
-                        gate: gate.clone(),
-                        since: Instant::now(),
-                    })
+        let lease = |instance: Arc<Instance>| Lease {
+            instance,
+            registry: self.clone(),
+            since: Instant::now(),
+            reported: false,
+        };
+        let waiter = Arc::new(Waiter {
+            exclude: exclude.to_vec(),
+            assigned: Mutex::new(None),
+            notify: Notify::new(),
+        });
+        let key = (Reverse(priority), gate.seq.fetch_add(1, Ordering::SeqCst));
+        {
+            let mut queue = lock(&gate.queue);
+            // Fast path only when nobody is queued ahead.
+            if queue.is_empty() {
+                match self.try_pick(model, exclude) {
+                    Ok(inst) => return Ok(lease(inst)),
+                    Err(PickMiss::NoneEligible) if !exclude.is_empty() => {
+                        return Err(AcquireError::Exhausted)
+                    }
+                    Err(_) => {}
                 }
-                Err(true) if had_tried => return Err(AcquireError::Exhausted),
-                Err(_) => {}
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if queue.len() >= self.max_queue {
+                drop(queue);
                 return Err(AcquireError::NoCapacity {
                     retry_after_s: self.retry_after(model, &gate),
                 });
             }
-            // Re-check at least every 250 ms: health changes don't notify.
+            queue.insert(key, waiter.clone());
+        }
+        let mut guard = QueueGuard {
+            registry: self,
+            gate: &gate,
+            key,
+            waiter: &waiter,
+            done: false,
+        };
+        loop {
+            if let Some(inst) = lock(&waiter.assigned).take() {
+                guard.done = true;
+                return Ok(lease(inst));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                guard.leave();
+                if let Some(inst) = lock(&waiter.assigned).take() {
+                    return Ok(lease(inst));
+                }
+                return Err(AcquireError::NoCapacity {
+                    retry_after_s: self.retry_after(model, &gate),
+                });
+            }
+            if !exclude.is_empty() {
+                let t = now_ms();
+                let untried = self
+                    .instances_of(model)
+                    .iter()
+                    .any(|i| i.healthy(t, self.heartbeat_timeout_ms) && !exclude.contains(&i.id));
+                if !untried {
+                    guard.leave();
+                    if let Some(inst) = lock(&waiter.assigned).take() {
+                        return Ok(lease(inst));
+                    }
+                    return Err(AcquireError::Exhausted);
+                }
+            }
+            // Health changes do not notify: re-dispatch every 250 ms.
             let wake = deadline.min(now + Duration::from_millis(250));
             tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep_until(wake) => {}
+                _ = waiter.notify.notified() => {}
+                _ = tokio::time::sleep_until(wake) => self.dispatch(model),
             }
         }
     }
@@ -346,19 +530,42 @@ impl Registry {
             .filter(|i| i.routable(now, self.heartbeat_timeout_ms))
             .map(|i| i.capacity as u64)
             .sum();
-        let service = gate.service_ms.load(Ordering::Relaxed).max(1000);
         if capacity == 0 {
             return 5;
         }
+        let service = gate.service_ms.load(Ordering::Relaxed).max(500);
         let ahead = gate.waiting() as u64 + 1;
         (ahead * service / capacity / 1000).clamp(1, 60)
     }
 }
 
-struct WaitGuard<'a>(&'a ChuteGate);
-impl Drop for WaitGuard<'_> {
+/// Removes a waiter from its queue however `acquire` ends (including
+/// cancellation), returning any slot assigned to it in the meantime.
+struct QueueGuard<'a> {
+    registry: &'a Registry,
+    gate: &'a ChuteGate,
+    key: QueueKey,
+    waiter: &'a Waiter,
+    done: bool,
+}
+
+impl QueueGuard<'_> {
+    fn leave(&mut self) {
+        lock(&self.gate.queue).remove(&self.key);
+        self.done = true;
+    }
+}
+
+impl Drop for QueueGuard<'_> {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+        if !self.done {
+            lock(&self.gate.queue).remove(&self.key);
+        }
+        if let Some(inst) = lock(&self.waiter.assigned).take() {
+            inst.breaker.release();
+            inst.unreserve();
+            self.registry.dispatch(&inst.model);
+        }
     }
 }
 
@@ -370,83 +577,237 @@ mod tests {
         Arc::new(Instance::new(id.into(), miner, "http://x", "m", cap, 2048))
     }
 
+    fn registry(max_queue: usize) -> Arc<Registry> {
+        Arc::new(Registry::new(Duration::from_secs(10), max_queue))
+    }
+
     #[tokio::test]
-    async fn never_exceeds_capacity_and_spreads_load() {
-        let r = Registry::new(Duration::from_secs(10), 100);
+    async fn never_exceeds_capacity() {
+        let r = registry(100);
         r.replace_miner("a", vec![inst("a1", "a", 2)]);
         r.replace_miner("b", vec![inst("b1", "b", 2)]);
-        let deadline = Instant::now();
+        let now = Instant::now();
         let mut leases = Vec::new();
         for _ in 0..4 {
-            leases.push(r.acquire("m", deadline, &[]).await.unwrap());
+            leases.push(r.acquire("m", now, &[], 0).await.unwrap());
         }
         let on_a = leases.iter().filter(|l| l.instance.id == "a1").count();
         assert_eq!(on_a, 2);
         assert!(matches!(
-            r.acquire("m", deadline, &[]).await,
+            r.acquire("m", now, &[], 0).await,
             Err(AcquireError::NoCapacity { .. })
         ));
         drop(leases.pop());
-        assert!(r.acquire("m", deadline, &[]).await.is_ok());
+        assert!(r.acquire("m", now, &[], 0).await.is_ok());
     }
 
     #[tokio::test]
-    async fn excluded_and_backed_off_instances_are_skipped() {
-        let r = Registry::new(Duration::from_secs(10), 100);
+    async fn open_breaker_and_excluded_instances_are_skipped() {
+        let r = registry(100);
         r.replace_miner("a", vec![inst("a1", "a", 4)]);
         r.replace_miner("b", vec![inst("b1", "b", 4)]);
         let now = Instant::now();
-        let l = r.acquire("m", now, &["a1".into()]).await.unwrap();
+        let l = r.acquire("m", now, &["a1".into()], 0).await.unwrap();
         assert_eq!(l.instance.id, "b1");
-        l.instance.record_failure();
         drop(l);
+        for _ in 0..3 {
+            let mut l = r.acquire("m", now, &["a1".into()], 0).await.unwrap();
+            l.failed();
+        }
         for _ in 0..10 {
-            let l = r.acquire("m", now, &[]).await.unwrap();
+            let l = r.acquire("m", now, &[], 0).await.unwrap();
             assert_eq!(l.instance.id, "a1");
         }
-        assert_eq!(
-            r.acquire("m", now, &["a1".into()]).await.unwrap_err(),
-            AcquireError::Exhausted
-        );
+        // b1 is open and a1 excluded: nothing left to try.
+        assert!(r.acquire("m", now, &["a1".into()], 0).await.is_err());
     }
 
     #[tokio::test]
-    async fn waiter_gets_slot_when_released_before_deadline() {
-        let r = Arc::new(Registry::new(Duration::from_secs(10), 100));
+    async fn failed_probe_removes_and_flapping_backs_off() {
+        let r = registry(100);
+        let a = inst("a1", "a", 1);
+        r.replace_miner("a", vec![a.clone()]);
+        let t = now_ms();
+        a.probe_failed(t);
+        assert!(r.acquire("m", Instant::now(), &[], 0).await.is_err());
+        assert!(!a.probe_ok(t + 500), "must wait out the back-off");
+        assert!(a.probe_ok(t + 1_000));
+        assert!(r.acquire("m", Instant::now(), &[], 0).await.is_ok());
+        // Going down again soon after: twice the back-off.
+        a.probe_failed(t + 2_000);
+        assert!(!a.probe_ok(t + 3_500));
+        assert!(a.probe_ok(t + 4_000));
+    }
+
+    #[tokio::test]
+    async fn waiters_are_served_in_fifo_order_within_priority() {
+        let r = registry(100);
         r.replace_miner("a", vec![inst("a1", "a", 1)]);
-        let held = r.acquire("m", Instant::now(), &[]).await.unwrap();
-        let r2 = r.clone();
-        let waiter = tokio::spawn(async move {
-            r2.acquire("m", Instant::now() + Duration::from_secs(5), &[])
-                .await
-                .map(|l| l.instance.id.clone())
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let held = r.acquire("m", Instant::now(), &[], 0).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (i, prio) in [(0, 0u8), (1, 0), (2, 1), (3, 0)] {
+            let (r, order) = (r.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let l = r
+                    .acquire("m", Instant::now() + Duration::from_secs(10), &[], prio)
+                    .await
+                    .unwrap();
+                lock(&order).push(i);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                drop(l);
+            }));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         drop(held);
-        assert_eq!(waiter.await.unwrap().unwrap(), "a1");
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*lock(&order), vec![2, 0, 1, 3]);
     }
 
     #[tokio::test]
-    async fn instance_appearing_later_serves_waiter() {
-        let r = Arc::new(Registry::new(Duration::from_secs(10), 100));
+    async fn instance_appearing_later_serves_waiter_and_deadline_bounds_wait() {
+        let r = registry(100);
         let r2 = r.clone();
         let waiter = tokio::spawn(async move {
-            r2.acquire("m", Instant::now() + Duration::from_secs(5), &[])
+            r2.acquire("m", Instant::now() + Duration::from_secs(5), &[], 0)
                 .await
                 .is_ok()
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         r.replace_miner("a", vec![inst("a1", "a", 1)]);
         assert!(waiter.await.unwrap());
-    }
-
-    #[tokio::test]
-    async fn full_queue_refuses_at_once() {
-        let r = Registry::new(Duration::from_secs(10), 0);
+        let started = Instant::now();
+        let _held = r.acquire("m", Instant::now(), &[], 0).await.unwrap();
         let err = r
-            .acquire("m", Instant::now() + Duration::from_secs(30), &[])
+            .acquire("m", Instant::now() + Duration::from_millis(300), &[], 0)
             .await
             .unwrap_err();
         assert!(matches!(err, AcquireError::NoCapacity { retry_after_s } if retry_after_s >= 1));
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(
+            r.gate("m").waiting(),
+            0,
+            "a timed-out waiter leaves the queue"
+        );
+    }
+
+    #[tokio::test]
+    async fn bounded_queue_refuses_at_once() {
+        let r = registry(1);
+        r.replace_miner("a", vec![inst("a1", "a", 1)]);
+        let _held = r.acquire("m", Instant::now(), &[], 0).await.unwrap();
+        let r2 = r.clone();
+        let queued = tokio::spawn(async move {
+            r2.acquire("m", Instant::now() + Duration::from_secs(2), &[], 0)
+                .await
+                .is_ok()
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = Instant::now();
+        let err = r
+            .acquire("m", Instant::now() + Duration::from_secs(30), &[], 0)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AcquireError::NoCapacity { .. }));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        queued.abort();
+    }
+
+    #[tokio::test]
+    async fn cancelled_waiter_returns_its_assigned_slot() {
+        let r = registry(100);
+        r.replace_miner("a", vec![inst("a1", "a", 1)]);
+        let held = r.acquire("m", Instant::now(), &[], 0).await.unwrap();
+        let r2 = r.clone();
+        let w = tokio::spawn(async move {
+            let _ = r2
+                .acquire("m", Instant::now() + Duration::from_secs(5), &[], 0)
+                .await;
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        w.abort();
+        let _ = w.await;
+        drop(held);
+        let a = &r.instances_of("m")[0];
+        assert_eq!(a.outstanding(), 0);
+        assert!(r.acquire("m", Instant::now(), &[], 0).await.is_ok());
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever the capacities, breaker states and exclusions, a pick is
+        /// never full, never open, never excluded; and when every instance
+        /// is open or excluded, nothing is picked.
+        #[test]
+        fn picks_respect_capacity_breakers_and_exclusions(
+            caps in proptest::collection::vec(1u32..4, 1..8),
+            open in proptest::collection::vec(any::<bool>(), 8),
+            excluded in proptest::collection::vec(any::<bool>(), 8),
+            requests in 1usize..40,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let r = Arc::new(Registry::new(Duration::from_secs(10), 1000));
+                let mut insts = Vec::new();
+                for (i, cap) in caps.iter().enumerate() {
+                    let inst = Arc::new(Instance::new(format!("i{i}"), &format!("k{i}"), "http://x", "m", *cap, 2048));
+                    if open[i] {
+                        for _ in 0..3 {
+                            inst.breaker.on_failure(now_ms());
+                        }
+                    }
+                    r.replace_miner(&format!("k{i}"), vec![inst.clone()]);
+                    insts.push(inst);
+                }
+                let exclude: Vec<String> = insts.iter().enumerate()
+                    .filter(|(i, _)| excluded[*i]).map(|(_, x)| x.id.clone()).collect();
+                let usable: u32 = insts.iter().enumerate()
+                    .filter(|(i, _)| !open[*i] && !excluded[*i]).map(|(_, x)| x.capacity).sum();
+                let mut leases = Vec::new();
+                for _ in 0..requests {
+                    if let Ok(l) = r.acquire("m", Instant::now(), &exclude, 0).await {
+                            let idx: usize = l.instance.id[1..].parse().unwrap();
+                            prop_assert!(!open[idx], "picked an open breaker");
+                            prop_assert!(!excluded[idx], "picked an excluded instance");
+                            prop_assert!(l.instance.outstanding() <= l.instance.capacity);
+                            leases.push(l);
+                    }
+                }
+                // Exactly the usable capacity is handed out, no more.
+                prop_assert_eq!(leases.len() as u32, usable.min(requests as u32));
+                Ok(())
+            })?;
+        }
+
+        /// With equal instances, power of two choices spreads load: no
+        /// instance ends up with more than twice the fair share.
+        #[test]
+        fn load_spreads_across_equal_instances(n in 2usize..8, per in 2u32..6) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let r = Arc::new(Registry::new(Duration::from_secs(10), 1000));
+                for i in 0..n {
+                    r.replace_miner(&format!("k{i}"), vec![Arc::new(Instance::new(format!("i{i}"), &format!("k{i}"), "http://x", "m", 1000, 2048))]);
+                }
+                let total = n * per as usize;
+                let mut leases = Vec::new();
+                for _ in 0..total {
+                    leases.push(r.acquire("m", Instant::now(), &[], 0).await.unwrap());
+                }
+                for inst in r.instances_of("m") {
+                    prop_assert!(inst.outstanding() <= 2 * per, "{} has {} of {}", inst.id, inst.outstanding(), total);
+                }
+                Ok(())
+            })?;
+        }
     }
 }

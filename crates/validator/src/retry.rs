@@ -237,14 +237,23 @@ mod tests {
     #[test]
     fn error_ratio_trips_without_consecutive_failures() {
         let b = Breaker::default();
-        for _ in 0..6 {
-            b.on_failure(0);
+        for _ in 0..10 {
             b.on_success();
         }
-        assert_eq!(b.state(), BreakerState::Closed);
-        // 7 failures of 13 > 50% while never 3 in a row.
-        b.on_failure(0);
-        assert!(matches!(b.state(), BreakerState::Open { .. }));
+        // Two failures, one success, repeated: never three in a row, but
+        // the failure ratio over the window climbs past one half.
+        let mut opened_after = None;
+        for round in 0..10 {
+            b.on_failure(0);
+            b.on_failure(0);
+            if matches!(b.state(), BreakerState::Open { .. }) {
+                opened_after = Some(round);
+                break;
+            }
+            b.on_success();
+        }
+        let round = opened_after.expect("the error ratio must open the breaker");
+        assert!(round >= 3, "opened too early, after round {round}");
     }
 
     #[test]
