@@ -2,6 +2,7 @@
 //! (TOML file, then `SLUICE_*` environment, then flags) and calls into the
 //! library crates.
 
+mod drill;
 mod up;
 
 use std::net::SocketAddr;
@@ -44,6 +45,11 @@ pub enum Command {
     Models {
         #[command(subcommand)]
         command: ModelsCommand,
+    },
+    /// Resilience drills against a fresh local network.
+    Drill {
+        #[command(subcommand)]
+        command: drill::DrillCommand,
     },
 }
 
@@ -153,9 +159,19 @@ pub enum ModelsCommand {
     },
 }
 
-pub fn init_logging() {
+impl Cli {
+    /// Servers log at info; one-shot tools (drills, benchmarks) only warn.
+    pub fn default_log_level(&self) -> &'static str {
+        match self.command {
+            Command::Drill { .. } => "warn",
+            _ => "info",
+        }
+    }
+}
+
+pub fn init_logging(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -169,6 +185,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Miner(args) => run_miner(args).await,
         Command::Keys { command } => keys(command).await,
         Command::Models { command } => models(command).await,
+        Command::Drill { command } => drill::run(command).await,
     }
 }
 

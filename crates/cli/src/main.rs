@@ -5,7 +5,7 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = sluice_cli::Cli::parse();
-    sluice_cli::init_logging();
+    sluice_cli::init_logging(cli.default_log_level());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
