@@ -2,6 +2,7 @@
 //! queries over sqlx's `Any` driver, so the same code runs on the embedded
 //! SQLite file and on a PostgreSQL shared by validator replicas.
 
+pub mod ledger;
 mod migrate;
 
 use std::path::Path;
@@ -92,6 +93,8 @@ pub struct RequestRecord {
     pub ttft_ms: Option<i64>,
     pub latency_ms: i64,
     pub created_ms: i64,
+    /// What the request cost, in pico-dollars.
+    pub cost: i64,
 }
 
 #[derive(Clone)]
@@ -338,8 +341,8 @@ impl Store {
     pub async fn record_request(&self, r: &RequestRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO requests (id, user_id, key_id, model, kind, stream, miner_key, status, http_status, \
-             prompt_tokens, completion_tokens, attempts, queue_ms, ttft_ms, latency_ms, created_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+             prompt_tokens, completion_tokens, attempts, queue_ms, ttft_ms, latency_ms, created_ms, cost) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
         )
         .bind(&r.id)
         .bind(&r.user_id)
@@ -357,6 +360,7 @@ impl Store {
         .bind(r.ttft_ms)
         .bind(r.latency_ms)
         .bind(r.created_ms)
+        .bind(r.cost)
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -6,7 +6,10 @@ use sqlx::{AnyPool, Executor, Row};
 
 use crate::{now_ms, Backend, Result, StoreError};
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/0001_init.sql")),
+    (2, include_str!("../migrations/0002_ledger.sql")),
+];
 
 pub async fn run(pool: &AnyPool, backend: Backend) -> Result<()> {
     let mut conn = pool.acquire().await?;

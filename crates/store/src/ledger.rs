@@ -1,0 +1,489 @@
+//! Money: an append-only double-entry ledger in integer pico-dollars,
+//! reservations for requests in flight, exactly-once settlement, durable
+//! daily counters, usage reports.
+//!
+//! Invariants (checked by [`Store::ledger_check`] and the property tests):
+//! every transaction's entries sum to zero; a request settles at most once
+//! (the `settlements` primary key); an open reservation is either settled
+//! or released, never both.
+
+use std::collections::BTreeMap;
+
+use rand::RngCore;
+use sqlx::Row;
+
+use crate::{now_ms, Backend, Result, Store, StoreError};
+
+/// Pico-dollars per US dollar.
+pub const PICO_PER_USD: i64 = 1_000_000_000_000;
+
+/// Parses a dollar amount like `10`, `0.25` or `1.000000000001` exactly.
+pub fn parse_usd(s: &str) -> std::result::Result<i64, String> {
+    let s = s.trim().trim_start_matches('$');
+    let bad = || format!("`{s}` is not a dollar amount (like 10 or 2.50)");
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    if whole.is_empty() && frac.is_empty() {
+        return Err(bad());
+    }
+    if !whole.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+        || frac.len() > 12
+    {
+        return Err(bad());
+    }
+    let whole: i64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| bad())?
+    };
+    let frac_pico: i64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<12}").parse().map_err(|_| bad())?
+    };
+    whole
+        .checked_mul(PICO_PER_USD)
+        .and_then(|w| w.checked_add(frac_pico))
+        .ok_or_else(bad)
+}
+
+/// Formats pico-dollars as dollars without losing digits (`$0.000021`).
+pub fn format_usd(pico: i64) -> String {
+    let sign = if pico < 0 { "-" } else { "" };
+    let p = pico.unsigned_abs();
+    let whole = p / PICO_PER_USD as u64;
+    let frac = p % PICO_PER_USD as u64;
+    let frac = format!("{frac:012}");
+    let frac = frac.trim_end_matches('0');
+    let frac = if frac.len() < 2 {
+        format!("{frac:0<2}")
+    } else {
+        frac.to_string()
+    };
+    format!("{sign}${whole}.{frac}")
+}
+
+/// The UTC calendar day of a unix-ms time, `YYYY-MM-DD`.
+pub fn utc_day(ms: i64) -> String {
+    let days = ms.div_euclid(86_400_000);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Milliseconds until the next UTC midnight.
+pub fn ms_until_utc_midnight(ms: i64) -> i64 {
+    86_400_000 - ms.rem_euclid(86_400_000)
+}
+
+pub fn user_account(user_id: &str) -> String {
+    format!("user:{user_id}")
+}
+
+pub fn miner_account(miner_key: &str) -> String {
+    format!("miner:{miner_key}")
+}
+
+pub const FEES_ACCOUNT: &str = "fees";
+pub const FUNDING_ACCOUNT: &str = "funding";
+pub const FREE_TIER_ACCOUNT: &str = "free_tier";
+
+/// A user's money.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Balance {
+    /// Sum of the user's ledger entries.
+    pub ledger: i64,
+    /// Held by open reservations.
+    pub reserved: i64,
+}
+
+impl Balance {
+    pub fn available(&self) -> i64 {
+        self.ledger - self.reserved
+    }
+}
+
+/// What one finished request moves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    pub request_id: String,
+    pub user_id: String,
+    /// Paid-tier users pay; free-tier usage is paid by the `free_tier` account.
+    pub user_pays: bool,
+    pub cost: i64,
+    /// Credit per miner, in the order they served.
+    pub credits: Vec<(String, i64)>,
+    pub fee: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LedgerCheck {
+    pub entries: i64,
+    /// Sum of every entry: zero in a balanced ledger.
+    pub total: i64,
+    /// Transactions whose entries do not sum to zero.
+    pub unbalanced_txns: i64,
+    pub user_debits: i64,
+    pub miner_credits: i64,
+    pub fees: i64,
+    pub settlements: i64,
+    pub open_reservations: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    pub day: String,
+    pub model: String,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost: i64,
+}
+
+fn new_id() -> String {
+    let mut b = [0u8; 12];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+impl Store {
+    async fn sum_account(&self, account: &str) -> Result<i64> {
+        let row = sqlx::query("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS s FROM ledger_entries WHERE account = $1")
+            .bind(account)
+            .fetch_one(self.pool())
+            .await?;
+        Ok(row.try_get("s")?)
+    }
+
+    pub async fn balance(&self, user_id: &str) -> Result<Balance> {
+        let ledger = self.sum_account(&user_account(user_id)).await?;
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS s FROM reservations WHERE user_id = $1 AND state = 'open'",
+        )
+        .bind(user_id)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(Balance {
+            ledger,
+            reserved: row.try_get("s")?,
+        })
+    }
+
+    pub async fn account_total(&self, account: &str) -> Result<i64> {
+        self.sum_account(account).await
+    }
+
+    /// Credits a user's balance (admin top-up): `user +amount`, `funding -amount`.
+    pub async fn add_funds(&self, user_id: &str, amount: i64) -> Result<()> {
+        if amount <= 0 {
+            return Err(StoreError::Invalid("the amount must be positive".into()));
+        }
+        let exists = sqlx::query("SELECT id FROM users WHERE id = $1")
+            .bind(user_id)
+            .fetch_optional(self.pool())
+            .await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound(format!("user {user_id}")));
+        }
+        let txn = format!("topup-{}", new_id());
+        let mut tx = self.pool().begin().await?;
+        for (account, amt) in [
+            (user_account(user_id), amount),
+            (FUNDING_ACCOUNT.to_string(), -amount),
+        ] {
+            insert_entry(&mut tx, &txn, &account, amt, "topup").await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Holds `amount` of the user's available balance for a request.
+    /// Returns false (and holds nothing) when the balance can't cover it.
+    pub async fn reserve(
+        &self,
+        request_id: &str,
+        user_id: &str,
+        amount: i64,
+        owner: &str,
+    ) -> Result<bool> {
+        let mut tx = self.pool().begin().await?;
+        if self.backend() == Backend::Postgres {
+            // Serialise reservations of one user across replicas.
+            sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
+                .bind(user_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        }
+        let done = sqlx::query(
+            "INSERT INTO reservations (request_id, user_id, amount, owner, state, created_ms) \
+             SELECT $1, $2, $3, $4, 'open', $5 WHERE \
+             (SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE account = $6) \
+             - (SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE user_id = $7 AND state = 'open') >= $8",
+        )
+        .bind(request_id)
+        .bind(user_id)
+        .bind(amount)
+        .bind(owner)
+        .bind(now_ms())
+        .bind(user_account(user_id))
+        .bind(user_id)
+        .bind(amount)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Settles a request exactly once: the ledger entries, the settlement
+    /// row and the reservation close in one transaction. Returns false if
+    /// the request was already settled (nothing is written again).
+    pub async fn settle(&self, s: &Settlement) -> Result<bool> {
+        let credited: i64 = s.credits.iter().map(|(_, c)| *c).sum();
+        if credited + s.fee != s.cost || s.cost < 0 || s.fee < 0 {
+            return Err(StoreError::Invalid(format!(
+                "unbalanced settlement for {}: cost {} != credits {credited} + fee {}",
+                s.request_id, s.cost, s.fee
+            )));
+        }
+        let mut tx = self.pool().begin().await?;
+        let first = sqlx::query(
+            "INSERT INTO settlements (request_id, user_id, cost, created_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING",
+        )
+        .bind(&s.request_id)
+        .bind(&s.user_id)
+        .bind(s.cost)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        if first.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let txn = format!("req-{}", s.request_id);
+        if s.cost > 0 {
+            let payer = if s.user_pays {
+                user_account(&s.user_id)
+            } else {
+                FREE_TIER_ACCOUNT.to_string()
+            };
+            insert_entry(&mut tx, &txn, &payer, -s.cost, "usage").await?;
+            for (miner, credit) in &s.credits {
+                if *credit != 0 {
+                    insert_entry(&mut tx, &txn, &miner_account(miner), *credit, "serving").await?;
+                }
+            }
+            if s.fee != 0 {
+                insert_entry(&mut tx, &txn, FEES_ACCOUNT, s.fee, "fee").await?;
+            }
+        }
+        sqlx::query(
+            "UPDATE reservations SET state = 'settled' WHERE request_id = $1 AND state = 'open'",
+        )
+        .bind(&s.request_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Releases a reservation without charging (the request failed).
+    pub async fn release(&self, request_id: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE reservations SET state = 'released' WHERE request_id = $1 AND state = 'open'",
+        )
+        .bind(request_id)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// After a crash: releases the open reservations `owner` left behind
+    /// (their requests never finished, so nothing is charged). Returns how
+    /// many were released.
+    pub async fn recover(&self, owner: &str) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE reservations SET state = 'released' WHERE owner = $1 AND state = 'open'",
+        )
+        .bind(owner)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Releases open reservations older than `max_age_ms` from any owner
+    /// (a replica that died and never came back).
+    pub async fn release_stale(&self, max_age_ms: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE reservations SET state = 'released' WHERE state = 'open' AND created_ms < $1",
+        )
+        .bind(now_ms() - max_age_ms)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn is_settled(&self, request_id: &str) -> Result<bool> {
+        Ok(
+            sqlx::query("SELECT request_id FROM settlements WHERE request_id = $1")
+                .bind(request_id)
+                .fetch_optional(self.pool())
+                .await?
+                .is_some(),
+        )
+    }
+
+    /// Whole-ledger consistency figures.
+    pub async fn ledger_check(&self) -> Result<LedgerCheck> {
+        let one = |sql: &'static str| async move {
+            let row = sqlx::query(sql).fetch_one(self.pool()).await?;
+            Ok::<i64, StoreError>(row.try_get::<i64, _>("s")?)
+        };
+        Ok(LedgerCheck {
+            entries: one("SELECT CAST(COUNT(*) AS BIGINT) AS s FROM ledger_entries").await?,
+            total: one("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS s FROM ledger_entries").await?,
+            unbalanced_txns: one(
+                "SELECT CAST(COUNT(*) AS BIGINT) AS s FROM (SELECT txn FROM ledger_entries GROUP BY txn HAVING SUM(amount) <> 0) t",
+            )
+            .await?,
+            user_debits: one(
+                "SELECT CAST(COALESCE(-SUM(amount), 0) AS BIGINT) AS s FROM ledger_entries WHERE kind = 'usage'",
+            )
+            .await?,
+            miner_credits: one(
+                "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS s FROM ledger_entries WHERE kind = 'serving'",
+            )
+            .await?,
+            fees: one("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS s FROM ledger_entries WHERE kind = 'fee'").await?,
+            settlements: one("SELECT CAST(COUNT(*) AS BIGINT) AS s FROM settlements").await?,
+            open_reservations: one("SELECT CAST(COUNT(*) AS BIGINT) AS s FROM reservations WHERE state = 'open'").await?,
+        })
+    }
+
+    /// Takes one request from a key's daily allowance; `None` when the
+    /// day's `limit` is used up. Exact across replicas sharing the database.
+    pub async fn take_daily(&self, key_id: &str, day: &str, limit: i64) -> Result<Option<i64>> {
+        sqlx::query("INSERT INTO daily_counters (key_id, day, used) VALUES ($1, $2, 0) ON CONFLICT (key_id, day) DO NOTHING")
+            .bind(key_id)
+            .bind(day)
+            .execute(self.pool())
+            .await?;
+        let done = sqlx::query("UPDATE daily_counters SET used = used + 1 WHERE key_id = $1 AND day = $2 AND used < $3")
+            .bind(key_id)
+            .bind(day)
+            .bind(limit)
+            .execute(self.pool())
+            .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        Ok(Some(self.daily_used(key_id, day).await?))
+    }
+
+    /// Gives back a request the service failed to serve.
+    pub async fn refund_daily(&self, key_id: &str, day: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE daily_counters SET used = used - 1 WHERE key_id = $1 AND day = $2 AND used > 0",
+        )
+        .bind(key_id)
+        .bind(day)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    pub async fn daily_used(&self, key_id: &str, day: &str) -> Result<i64> {
+        let row = sqlx::query("SELECT used FROM daily_counters WHERE key_id = $1 AND day = $2")
+            .bind(key_id)
+            .bind(day)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get("used")?,
+            None => 0,
+        })
+    }
+
+    /// A user's usage since `since_ms`, per UTC day and model.
+    pub async fn usage(&self, user_id: &str, since_ms: i64) -> Result<Vec<UsageRow>> {
+        let rows = sqlx::query(
+            "SELECT created_ms, model, prompt_tokens, completion_tokens, cost FROM requests WHERE user_id = $1 AND created_ms >= $2",
+        )
+        .bind(user_id)
+        .bind(since_ms)
+        .fetch_all(self.pool())
+        .await?;
+        let mut agg: BTreeMap<(String, String), UsageRow> = BTreeMap::new();
+        for r in rows {
+            let day = utc_day(r.try_get("created_ms")?);
+            let model: String = r.try_get("model")?;
+            let e = agg.entry((day.clone(), model.clone())).or_insert(UsageRow {
+                day,
+                model,
+                requests: 0,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                cost: 0,
+            });
+            e.requests += 1;
+            e.prompt_tokens += r.try_get::<i64, _>("prompt_tokens")?;
+            e.completion_tokens += r.try_get::<i64, _>("completion_tokens")?;
+            e.cost += r.try_get::<i64, _>("cost")?;
+        }
+        Ok(agg.into_values().collect())
+    }
+}
+
+async fn insert_entry(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    txn: &str,
+    account: &str,
+    amount: i64,
+    kind: &str,
+) -> Result<()> {
+    sqlx::query("INSERT INTO ledger_entries (id, txn, account, amount, kind, created_ms) VALUES ($1, $2, $3, $4, $5, $6)")
+        .bind(new_id())
+        .bind(txn)
+        .bind(account)
+        .bind(amount)
+        .bind(kind)
+        .bind(now_ms())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dollars_parse_and_format_exactly() {
+        assert_eq!(parse_usd("10").unwrap(), 10 * PICO_PER_USD);
+        assert_eq!(parse_usd("$0.25").unwrap(), PICO_PER_USD / 4);
+        assert_eq!(parse_usd("0.000000000001").unwrap(), 1);
+        assert!(parse_usd("1.0000000000001").is_err());
+        assert!(parse_usd("-1").is_err());
+        assert!(parse_usd("abc").is_err());
+        assert!(parse_usd(".").is_err());
+        assert_eq!(format_usd(21_000_000), "$0.000021");
+        assert_eq!(format_usd(10 * PICO_PER_USD), "$10.00");
+        assert_eq!(format_usd(-PICO_PER_USD / 2), "-$0.50");
+    }
+
+    #[test]
+    fn utc_days() {
+        assert_eq!(utc_day(0), "1970-01-01");
+        assert_eq!(utc_day(951_782_400_000), "2000-02-29");
+        assert_eq!(utc_day(1_795_750_992_000), "2026-11-27");
+        assert_eq!(ms_until_utc_midnight(86_400_000 - 1), 1);
+    }
+}

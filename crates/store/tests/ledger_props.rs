@@ -1,0 +1,175 @@
+//! Property: whatever the interleaving of reservations, settlements
+//! (including duplicates), releases, crashes and restarts, the ledger
+//! balances, user debits equal miner credits plus fees, and every request
+//! is settled at most once.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use proptest::prelude::*;
+use sluice_store::ledger::{Settlement, PICO_PER_USD};
+use sluice_store::Store;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Reserve(usize),
+    Settle {
+        req: usize,
+        tokens_in: u16,
+        tokens_out: u16,
+        miners: u8,
+    },
+    Release(usize),
+    CrashRestart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0usize..12).prop_map(Op::Reserve),
+        (0usize..12, 0u16..5000, 0u16..2000, 1u8..4).prop_map(
+            |(req, tokens_in, tokens_out, miners)| Op::Settle {
+                req,
+                tokens_in,
+                tokens_out,
+                miners
+            }
+        ),
+        (0usize..12).prop_map(Op::Release),
+        Just(Op::CrashRestart),
+    ]
+}
+
+const PRICE_IN: i64 = 70_000; // pico-dollars per token = micro-dollars per million
+const PRICE_OUT: i64 = 300_000;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn ledger_stays_balanced(ops in proptest::collection::vec(op(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let mut store = Store::open_data_dir(dir.path()).await.unwrap();
+            let user = store.create_user("p", "paid").await.unwrap();
+            store.add_funds(&user, 5 * PICO_PER_USD).await.unwrap();
+            let mut settled = std::collections::HashSet::new();
+            let mut owner = 0u32;
+            for op in ops {
+                match op {
+                    Op::Reserve(i) => {
+                        let _ = store.reserve(&format!("r{i}"), &user, PICO_PER_USD / 100, &format!("o{owner}")).await;
+                    }
+                    Op::Settle { req, tokens_in, tokens_out, miners } => {
+                        let cost = tokens_in as i64 * PRICE_IN + tokens_out as i64 * PRICE_OUT;
+                        let fee = cost / 10;
+                        let mut left = cost - fee;
+                        let mut credits = Vec::new();
+                        for m in 0..miners {
+                            let share = if m + 1 == miners { left } else { left / 2 };
+                            left -= share;
+                            credits.push((format!("miner{m}"), share));
+                        }
+                        let s = Settlement { request_id: format!("r{req}"), user_id: user.clone(), user_pays: true, cost, credits, fee };
+                        let first = store.settle(&s).await.unwrap();
+                        prop_assert_eq!(first, settled.insert(req), "settled twice or not at all");
+                    }
+                    Op::Release(i) => store.release(&format!("r{i}")).await.unwrap(),
+                    Op::CrashRestart => {
+                        store.close().await;
+                        store = Store::open_data_dir(dir.path()).await.unwrap();
+                        store.recover(&format!("o{owner}")).await.unwrap();
+                        owner += 1;
+                    }
+                }
+                let check = store.ledger_check().await.unwrap();
+                prop_assert_eq!(check.total, 0);
+                prop_assert_eq!(check.unbalanced_txns, 0);
+                prop_assert_eq!(check.user_debits, check.miner_credits + check.fees);
+                prop_assert_eq!(check.settlements as usize, settled.len());
+                let bal = store.balance(&user).await.unwrap();
+                prop_assert_eq!(bal.ledger, 5 * PICO_PER_USD - check.user_debits);
+                prop_assert!(bal.reserved >= 0);
+            }
+            store.recover(&format!("o{owner}")).await.unwrap();
+            prop_assert_eq!(store.ledger_check().await.unwrap().open_reservations, 0);
+            Ok(())
+        })?;
+    }
+}
+
+#[tokio::test]
+async fn reservation_refused_when_balance_is_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_data_dir(dir.path()).await.unwrap();
+    let user = store.create_user("p", "paid").await.unwrap();
+    assert!(!store.reserve("a", &user, 1, "o").await.unwrap());
+    store.add_funds(&user, 100).await.unwrap();
+    assert!(store.reserve("a", &user, 60, "o").await.unwrap());
+    assert!(
+        !store.reserve("b", &user, 60, "o").await.unwrap(),
+        "open reservations hold funds"
+    );
+    store.release("a").await.unwrap();
+    assert!(store.reserve("b", &user, 60, "o").await.unwrap());
+    assert_eq!(store.balance(&user).await.unwrap().available(), 40);
+}
+
+#[tokio::test]
+async fn daily_counter_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_data_dir(dir.path()).await.unwrap();
+    for i in 1..=3 {
+        assert_eq!(
+            store.take_daily("k", "2026-11-27", 3).await.unwrap(),
+            Some(i)
+        );
+    }
+    assert_eq!(store.take_daily("k", "2026-11-27", 3).await.unwrap(), None);
+    store.refund_daily("k", "2026-11-27").await.unwrap();
+    assert_eq!(
+        store.take_daily("k", "2026-11-27", 3).await.unwrap(),
+        Some(3)
+    );
+    assert_eq!(
+        store.take_daily("k", "2026-11-28", 3).await.unwrap(),
+        Some(1)
+    );
+}
+
+#[tokio::test]
+async fn postgres_ledger_when_configured() {
+    let Ok(url) = std::env::var("SLUICE_TEST_DATABASE_URL") else {
+        eprintln!("skipped: SLUICE_TEST_DATABASE_URL is not set");
+        return;
+    };
+    let store = Store::open(&url).await.unwrap();
+    let user = store.create_user("pg", "paid").await.unwrap();
+    store.add_funds(&user, 1000).await.unwrap();
+    assert!(store
+        .reserve(&format!("pg-{user}"), &user, 600, "o")
+        .await
+        .unwrap());
+    assert!(!store
+        .reserve(&format!("pg2-{user}"), &user, 600, "o")
+        .await
+        .unwrap());
+    let s = Settlement {
+        request_id: format!("pg-{user}"),
+        user_id: user.clone(),
+        user_pays: true,
+        cost: 500,
+        credits: vec![("m".into(), 450)],
+        fee: 50,
+    };
+    assert!(store.settle(&s).await.unwrap());
+    assert!(!store.settle(&s).await.unwrap());
+    assert_eq!(store.balance(&user).await.unwrap().available(), 500);
+    let check = store.ledger_check().await.unwrap();
+    assert_eq!(check.total, 0);
+    assert_eq!(check.unbalanced_txns, 0);
+    let key = format!("k-{user}");
+    assert_eq!(
+        store.take_daily(&key, "2026-11-27", 1).await.unwrap(),
+        Some(1)
+    );
+    assert_eq!(store.take_daily(&key, "2026-11-27", 1).await.unwrap(), None);
+}
