@@ -99,6 +99,9 @@ async fn chaos_in(args: &ChaosArgs, dir: &Path) -> Result<()> {
     let base = format!("http://{}", validator.addr);
     let store = &validator.state.store;
     let user = store.create_user("drill", "paid").await?;
+    store
+        .add_funds(&user, sluice_store::ledger::PICO_PER_USD)
+        .await?;
     let (_, key) = store.create_key(&user, "drill").await?;
 
     let exe = std::env::current_exe().context("locating the sluice binary")?;

@@ -2,6 +2,7 @@
 //! (TOML file, then `SLUICE_*` environment, then flags) and calls into the
 //! library crates.
 
+mod bench;
 mod drill;
 mod up;
 
@@ -46,10 +47,24 @@ pub enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Balances (admin): add funds, show a user's balance.
+    Balance {
+        #[command(subcommand)]
+        command: BalanceCommand,
+    },
+    /// Usage per UTC day and model for a user.
+    Usage(UsageArgs),
+    /// Check that the ledger balances.
+    Ledger(StoreArgs),
     /// Resilience drills against a fresh local network.
     Drill {
         #[command(subcommand)]
         command: drill::DrillCommand,
+    },
+    /// Benchmarks against peers: `bench gateway` (vs LiteLLM), `bench engine` (vs llama-server).
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
     },
 }
 
@@ -75,6 +90,12 @@ pub struct ValidatorArgs {
     /// postgres://... to share state with other replicas (default: SQLite in the data dir).
     #[arg(long, env = "SLUICE_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// redis://... to share rate-limit windows with other replicas.
+    #[arg(long, env = "SLUICE_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Enables the admin API (`/admin/v1/*`) with this bearer key.
+    #[arg(long, env = "SLUICE_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
     /// Validate the configuration and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -141,6 +162,55 @@ pub enum KeysCommand {
     },
 }
 
+/// Where the store is: a data dir's SQLite file or a PostgreSQL URL.
+#[derive(Args, Debug)]
+pub struct StoreArgs {
+    #[arg(long, env = "SLUICE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, env = "SLUICE_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+/// Identifies a user directly or through one of their keys.
+#[derive(Args, Debug)]
+pub struct UserArgs {
+    #[arg(long, conflicts_with = "key_id", required_unless_present = "key_id")]
+    pub user: Option<String>,
+    #[arg(long)]
+    pub key_id: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BalanceCommand {
+    /// Add funds to a user's balance.
+    Add {
+        #[command(flatten)]
+        who: UserArgs,
+        /// Dollars, e.g. 10 or 2.50.
+        #[arg(long)]
+        usd: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Show a user's balance.
+    Show {
+        #[command(flatten)]
+        who: UserArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct UsageArgs {
+    #[command(flatten)]
+    pub who: UserArgs,
+    #[arg(long, default_value_t = 30)]
+    pub days: u32,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum ModelsCommand {
     /// Fetch the default model into the data dir (and the per-user cache).
@@ -163,7 +233,7 @@ impl Cli {
     /// Servers log at info; one-shot tools (drills, benchmarks) only warn.
     pub fn default_log_level(&self) -> &'static str {
         match self.command {
-            Command::Drill { .. } => "warn",
+            Command::Drill { .. } | Command::Bench { .. } => "warn",
             _ => "info",
         }
     }
@@ -185,7 +255,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Miner(args) => run_miner(args).await,
         Command::Keys { command } => keys(command).await,
         Command::Models { command } => models(command).await,
+        Command::Balance { command } => balance(command).await,
+        Command::Usage(args) => usage(args).await,
+        Command::Ledger(args) => ledger(args).await,
         Command::Drill { command } => drill::run(command).await,
+        Command::Bench { command } => bench::run(command).await,
     }
 }
 
@@ -233,6 +307,12 @@ pub fn validator_config(args: &ValidatorArgs) -> Result<ValidatorConfig> {
     }
     if let Some(u) = &args.database_url {
         cfg.database_url = Some(u.clone());
+    }
+    if let Some(u) = &args.redis_url {
+        cfg.redis_url = Some(u.clone());
+    }
+    if let Some(k) = &args.admin_key {
+        cfg.admin_key = Some(k.clone());
     }
     cfg.validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
@@ -393,6 +473,93 @@ async fn keys(command: KeysCommand) -> Result<()> {
             store.revoke_key(&key_id).await?;
             println!("revoked {key_id}");
         }
+    }
+    Ok(())
+}
+
+async fn resolve_user(store: &Store, who: &UserArgs) -> Result<String> {
+    match (&who.user, &who.key_id) {
+        (Some(u), _) => Ok(u.clone()),
+        (None, Some(k)) => Ok(store
+            .find_key(k)
+            .await?
+            .with_context(|| format!("no key {k}"))?
+            .user_id),
+        (None, None) => bail!("name a user with --user or --key-id"),
+    }
+}
+
+async fn balance(command: BalanceCommand) -> Result<()> {
+    use sluice_store::ledger::{format_usd, parse_usd};
+    match command {
+        BalanceCommand::Add { who, usd, store } => {
+            let store = open_store(store.data_dir, store.database_url).await?;
+            let user = resolve_user(&store, &who).await?;
+            let amount = parse_usd(&usd).map_err(anyhow::Error::msg)?;
+            store.add_funds(&user, amount).await?;
+            let b = store.balance(&user).await?;
+            println!(
+                "{user}: balance {} (available {})",
+                format_usd(b.ledger),
+                format_usd(b.available())
+            );
+        }
+        BalanceCommand::Show { who, store } => {
+            let store = open_store(store.data_dir, store.database_url).await?;
+            let user = resolve_user(&store, &who).await?;
+            let b = store.balance(&user).await?;
+            println!(
+                "{user}: balance {} (reserved {}, available {})",
+                format_usd(b.ledger),
+                format_usd(b.reserved),
+                format_usd(b.available())
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn usage(args: UsageArgs) -> Result<()> {
+    use sluice_store::ledger::format_usd;
+    let store = open_store(args.store.data_dir, args.store.database_url).await?;
+    let user = resolve_user(&store, &args.who).await?;
+    let since = sluice_store::now_ms() - args.days as i64 * 86_400_000;
+    println!(
+        "{:<10} {:<40} {:>8} {:>12} {:>12} {:>14}",
+        "day", "model", "requests", "prompt tok", "output tok", "cost"
+    );
+    for r in store.usage(&user, since).await? {
+        println!(
+            "{:<10} {:<40} {:>8} {:>12} {:>12} {:>14}",
+            r.day,
+            r.model,
+            r.requests,
+            r.prompt_tokens,
+            r.completion_tokens,
+            format_usd(r.cost)
+        );
+    }
+    Ok(())
+}
+
+async fn ledger(args: StoreArgs) -> Result<()> {
+    use sluice_store::ledger::format_usd;
+    let store = open_store(args.data_dir, args.database_url).await?;
+    let c = store.ledger_check().await?;
+    let balanced =
+        c.total == 0 && c.unbalanced_txns == 0 && c.user_debits == c.miner_credits + c.fees;
+    println!("entries:           {}", c.entries);
+    println!("settled requests:  {}", c.settlements);
+    println!("open reservations: {}", c.open_reservations);
+    println!("usage debits:      {}", format_usd(c.user_debits));
+    println!("miner credits:     {}", format_usd(c.miner_credits));
+    println!("fees:              {}", format_usd(c.fees));
+    println!(
+        "ledger: {}",
+        if balanced { "balanced" } else { "UNBALANCED" }
+    );
+    if !balanced {
+        bail!("the ledger does not balance");
     }
     Ok(())
 }

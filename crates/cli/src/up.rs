@@ -47,7 +47,24 @@ async fn bootstrap_key(store: &Store, data_dir: &std::path::Path) -> Result<Stri
         }
     }
     let user = store.create_user("local", "paid").await?;
+    // A starting balance so the local network is usable at once.
+    store
+        .add_funds(&user, 5 * sluice_store::ledger::PICO_PER_USD)
+        .await?;
     let (_, key) = store.create_key(&user, "bootstrap").await?;
+    sluice_validator::write_private(&path, &format!("{key}\n"))?;
+    Ok(key)
+}
+
+/// The local network's admin key, kept in `DIR/admin-key` (mode 0600).
+fn admin_key(data_dir: &std::path::Path) -> Result<String> {
+    let path = data_dir.join("admin-key");
+    if let Ok(k) = std::fs::read_to_string(&path) {
+        if k.trim().len() >= 16 {
+            return Ok(k.trim().to_string());
+        }
+    }
+    let key = format!("adm_{}", sluice_validator::api::new_request_id());
     sluice_validator::write_private(&path, &format!("{key}\n"))?;
     Ok(key)
 }
@@ -61,9 +78,11 @@ pub async fn run(args: UpArgs) -> Result<()> {
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let shutdown = CancellationToken::new();
 
+    let admin_key = admin_key(&data_dir)?;
     let vcfg = ValidatorConfig {
         listen: args.listen,
         data_dir: data_dir.clone(),
+        admin_key: Some(admin_key),
         ..Default::default()
     };
     let validator = sluice_validator::start(vcfg, shutdown.clone()).await?;

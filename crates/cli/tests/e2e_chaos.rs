@@ -39,6 +39,17 @@ fn validator(dir: &Path, extra: &str) -> (Proc, String, String) {
     ])
     .trim()
     .to_string();
+    let key_id = &key[4..20];
+    run(&[
+        "balance",
+        "add",
+        "--key-id",
+        key_id,
+        "--usd",
+        "100",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
     (p, base_from_ready(&ready), key)
 }
 
@@ -266,7 +277,7 @@ async fn failing_miners_give_all_targets_failed_and_errors_after_streaming_are_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_queues_instead_of_rejecting() {
     let dir = tempfile::tempdir().unwrap();
-    let (_v, base, key) = validator(dir.path(), "");
+    let (_v, base, key) = validator(dir.path(), "paid_rpm = 100000\n");
     // Two miners, 2 slots each, 250 ms per request: about 16 requests/s.
     let script = "capacity = 2\ntoken_delay_ms = 50\n";
     let _m1 = fake_miner(dir.path(), &base, "m1", script);

@@ -8,6 +8,7 @@ pub mod llama;
 pub mod model_fetch;
 pub mod stop;
 pub mod template;
+pub mod upstream;
 
 use std::pin::Pin;
 

@@ -7,14 +7,19 @@ use futures_util::StreamExt;
 use sluice_engine::llama::{LlamaConfig, LlamaEngine, Tokenizer};
 use sluice_engine::model_fetch::user_cache_dir;
 use sluice_engine::Engine;
-use sluice_proto::miner::{FinishReason, GenerationParams, InvokeEvent, InvokeRequest, PromptInput};
+use sluice_proto::miner::{
+    FinishReason, GenerationParams, InvokeEvent, InvokeRequest, PromptInput,
+};
 
 fn model() -> Option<std::path::PathBuf> {
     let p = user_cache_dir().join(sluice_proto::DEFAULT_MODEL_FILE);
     if p.is_file() {
         Some(p)
     } else {
-        eprintln!("skipped: the default model is not in {} (run `sluice models pull`)", p.display());
+        eprintln!(
+            "skipped: the default model is not in {} (run `sluice models pull`)",
+            p.display()
+        );
         None
     }
 }
@@ -23,7 +28,9 @@ fn request(prompt: &str, max: u32, continuation: &str) -> InvokeRequest {
     InvokeRequest {
         request_id: "t".into(),
         model: "m".into(),
-        input: PromptInput::Text { prompt: prompt.into() },
+        input: PromptInput::Text {
+            prompt: prompt.into(),
+        },
         params: GenerationParams {
             max_tokens: Some(max),
             temperature: 0.0,
@@ -51,7 +58,10 @@ async fn run(engine: &LlamaEngine, req: InvokeRequest) -> (String, u32, u32, u32
                 completion_tokens,
             } => {
                 assert_eq!(prompt_tokens, started);
-                assert_eq!(counted, completion_tokens, "text events must account for every token");
+                assert_eq!(
+                    counted, completion_tokens,
+                    "text events must account for every token"
+                );
                 return (text, started, completion_tokens, counted, finish_reason);
             }
             InvokeEvent::Error { message, .. } => panic!("engine error: {message}"),
@@ -66,12 +76,19 @@ async fn batched_generation_matches_single_and_counts_tokens() {
     let mut cfg = LlamaConfig::new(&path, "m");
     cfg.slots = 4;
     let engine = LlamaEngine::start(cfg).unwrap();
-    let prompts = ["The sky is", "Once upon a time", "def fibonacci(n):", "Paris is the capital of"];
+    let prompts = [
+        "The sky is",
+        "Once upon a time",
+        "def fibonacci(n):",
+        "Paris is the capital of",
+    ];
     let mut alone = Vec::new();
     for p in prompts {
         alone.push(run(&engine, request(p, 16, "")).await);
     }
-    let together = futures_util::future::join_all(prompts.iter().map(|p| run(&engine, request(p, 16, "")))).await;
+    let together =
+        futures_util::future::join_all(prompts.iter().map(|p| run(&engine, request(p, 16, ""))))
+            .await;
     for (a, t) in alone.iter().zip(&together) {
         assert_eq!(a.0, t.0);
         assert_eq!(a.2, 16);
@@ -91,6 +108,19 @@ async fn batched_generation_matches_single_and_counts_tokens() {
 
     // Prompts longer than the context are refused, not truncated.
     let long = "word ".repeat(5000);
-    let events: Vec<InvokeEvent> = engine.generate(request(&long, 4, "")).unwrap().collect().await;
-    assert!(matches!(&events[..], [InvokeEvent::Error { retryable: false, .. }]), "{events:?}");
+    let events: Vec<InvokeEvent> = engine
+        .generate(request(&long, 4, ""))
+        .unwrap()
+        .collect()
+        .await;
+    assert!(
+        matches!(
+            &events[..],
+            [InvokeEvent::Error {
+                retryable: false,
+                ..
+            }]
+        ),
+        "{events:?}"
+    );
 }

@@ -8,12 +8,14 @@ use std::sync::Arc;
 use serde::Deserialize;
 use sluice_engine::fake::{FakeEngine, FakeScript};
 use sluice_engine::llama::{LlamaConfig, LlamaEngine};
+use sluice_engine::upstream::{UpstreamConfig, UpstreamEngine};
 use sluice_engine::{Engine, EngineError};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MinerConfig {
-    /// Base URL of the validator to register with.
+    /// Base URL of the validator to register with (comma-separated for
+    /// several replicas).
     pub validator: String,
     pub listen: SocketAddr,
     /// URL the validator should use to reach this miner (default: http://listen).
@@ -41,12 +43,25 @@ impl MinerConfig {
         Ok(c)
     }
 
+    /// Validator base URLs (a comma-separated list registers the miner
+    /// with every replica).
+    pub fn validators(&self) -> Vec<String> {
+        self.validator
+            .split(',')
+            .map(|v| v.trim().trim_end_matches('/').to_string())
+            .filter(|v| !v.is_empty())
+            .collect()
+    }
+
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.validator.starts_with("http://") || self.validator.starts_with("https://")) {
-            return Err(format!(
-                "validator must be an http(s) URL, not `{}`",
-                self.validator
-            ));
+        let validators = self.validators();
+        if validators.is_empty() {
+            return Err("validator must name at least one URL".into());
+        }
+        for v in &validators {
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                return Err(format!("validator must be an http(s) URL, not `{v}`"));
+            }
         }
         if let EngineConfig::Llama { slots, .. } = &self.engine {
             if *slots == 0 {
@@ -77,6 +92,16 @@ pub enum EngineConfig {
     },
     /// Scripted fake engine (tests and drills only).
     Fake(FakeScript),
+    /// Forwards to an OpenAI-compatible server (vLLM, SGLang, llama.cpp
+    /// server, Ollama); `model_id` is both the chute id and the upstream's
+    /// model name, `capacity` the concurrent requests sent to it.
+    Upstream {
+        url: String,
+        model_id: String,
+        capacity: u32,
+        #[serde(default)]
+        api_key: Option<String>,
+    },
 }
 
 fn default_slots() -> u32 {
@@ -106,6 +131,16 @@ pub fn build_engine(
 ) -> Result<Arc<dyn Engine>, EngineError> {
     match engine {
         EngineConfig::Fake(script) => Ok(Arc::new(FakeEngine::new(script.clone()))),
+        EngineConfig::Upstream {
+            url,
+            model_id,
+            capacity,
+            api_key,
+        } => {
+            let mut cfg = UpstreamConfig::new(url.clone(), model_id.clone(), *capacity);
+            cfg.api_key = api_key.clone();
+            Ok(Arc::new(UpstreamEngine::new(cfg)?))
+        }
         EngineConfig::Llama {
             model,
             model_id,

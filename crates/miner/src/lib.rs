@@ -49,9 +49,9 @@ pub enum MinerError {
 #[derive(Clone)]
 struct MinerState {
     engine: Arc<dyn Engine>,
-    /// The validator key learned at registration; invocations must carry
-    /// its signature.
-    validator_key: Arc<RwLock<Option<VerifyingKey>>>,
+    /// Keys of the validators this miner registered with (by URL);
+    /// invocations must carry a signature from one of them.
+    validator_keys: Arc<RwLock<std::collections::HashMap<String, VerifyingKey>>>,
 }
 
 /// A running miner.
@@ -117,27 +117,31 @@ pub async fn start(
         .unwrap_or_else(|| format!("http://{addr}"));
     let state = MinerState {
         engine: engine.clone(),
-        validator_key: Arc::new(RwLock::new(None)),
+        validator_keys: Arc::new(RwLock::new(std::collections::HashMap::new())),
     };
     let app = Router::new()
         .route("/v1/invoke", post(invoke))
         .route("/health", get(health))
         .with_state(state.clone());
     let tasks = TaskTracker::new();
-    let agent = Agent {
-        http: reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| MinerError::Io(e.to_string()))?,
-        validator: config.validator.trim_end_matches('/').to_string(),
-        endpoint: endpoint.clone(),
-        key,
-        engine,
-        state,
-    };
-    let stop = shutdown.clone();
-    tasks.spawn(async move { agent.run(stop).await }.instrument(tracing::info_span!("agent")));
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| MinerError::Io(e.to_string()))?;
+    // One agent per validator replica: each must know this miner.
+    for validator in config.validators() {
+        let agent = Agent {
+            http: http.clone(),
+            validator,
+            endpoint: endpoint.clone(),
+            key: key.clone(),
+            engine: engine.clone(),
+            state: state.clone(),
+        };
+        let stop = shutdown.clone();
+        tasks.spawn(async move { agent.run(stop).await }.instrument(tracing::info_span!("agent")));
+    }
     let handle = tokio::spawn(async move {
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -190,9 +194,16 @@ async fn invoke(State(state): State<MinerState>, headers: HeaderMap, body: Bytes
             .unwrap_or("")
     };
     let request_id = header(HDR_REQUEST_ID).to_string();
-    let Some(vkey) = *state.validator_key.read().await else {
+    let keys: Vec<VerifyingKey> = state
+        .validator_keys
+        .read()
+        .await
+        .values()
+        .copied()
+        .collect();
+    if keys.is_empty() {
         return reject(StatusCode::SERVICE_UNAVAILABLE, "not registered yet");
-    };
+    }
     let Ok(ts) = header(HDR_TIMESTAMP).parse::<u64>() else {
         return reject(StatusCode::UNAUTHORIZED, "missing timestamp");
     };
@@ -203,12 +214,10 @@ async fn invoke(State(state): State<MinerState>, headers: HeaderMap, body: Bytes
     if now.abs_diff(ts) > 60_000 {
         return reject(StatusCode::UNAUTHORIZED, "stale invocation");
     }
-    if verify_hex(
-        &vkey,
-        &invoke_message(&request_id, ts, &body),
-        header(HDR_SIGNATURE),
-    )
-    .is_err()
+    let message = invoke_message(&request_id, ts, &body);
+    if !keys
+        .iter()
+        .any(|k| verify_hex(k, &message, header(HDR_SIGNATURE)).is_ok())
     {
         return reject(StatusCode::UNAUTHORIZED, "bad validator signature");
     }
@@ -293,7 +302,11 @@ impl Agent {
             .await
             .map_err(|e| format!("bad nonce response: {e}"))?;
         let vkey = parse_public(&nonce.validator_key).map_err(|e| e.to_string())?;
-        *self.state.validator_key.write().await = Some(vkey);
+        self.state
+            .validator_keys
+            .write()
+            .await
+            .insert(self.validator.clone(), vkey);
         let info = self.engine.info();
         let chutes = vec![OfferedChute {
             model: info.model_id.clone(),

@@ -54,6 +54,7 @@ pub struct RecordBase {
     pub stream: bool,
     pub created_ms: i64,
     pub arrived: Instant,
+    pub admitted: crate::billing::Admitted,
 }
 
 fn unix_now() -> u64 {
@@ -258,11 +259,11 @@ pub fn suggestions(wanted: &str, known: &[String]) -> Vec<String> {
     scored.into_iter().take(3).map(|(_, k)| k.clone()).collect()
 }
 
-fn resolve_model(state: &AppState, model: &str) -> Result<String, ApiError> {
-    let known = state.chute_ids();
-    if known.iter().any(|k| k == model) {
-        return Ok(model.to_string());
+fn resolve_model(state: &AppState, model: &str) -> Result<sluice_store::Chute, ApiError> {
+    if let Some(chute) = state.chutes().iter().find(|c| c.model_id == model) {
+        return Ok(chute.clone());
     }
+    let known = state.chute_ids();
     let close = suggestions(model, &known);
     let hint = if close.is_empty() {
         format!("Available models: {}.", known.join(", "))
@@ -314,13 +315,17 @@ pub async fn chat_completions(
     body: Body,
 ) -> Response {
     let id = request_id(&headers);
-    let resp = match handle(&state, &headers, body, Kind::Chat, &id).await {
+    let mut rate = None;
+    let mut resp = match handle(&state, &headers, body, Kind::Chat, &id, &mut rate).await {
         Ok(r) => r,
         Err(e) => {
             count_error(&state, &e);
             e.into_response()
         }
     };
+    if let Some(r) = rate {
+        r.apply(resp.headers_mut());
+    }
     with_request_id(resp, &id)
 }
 
@@ -330,13 +335,17 @@ pub async fn completions(
     body: Body,
 ) -> Response {
     let id = request_id(&headers);
-    let resp = match handle(&state, &headers, body, Kind::Completion, &id).await {
+    let mut rate = None;
+    let mut resp = match handle(&state, &headers, body, Kind::Completion, &id, &mut rate).await {
         Ok(r) => r,
         Err(e) => {
             count_error(&state, &e);
             e.into_response()
         }
     };
+    if let Some(r) = rate {
+        r.apply(resp.headers_mut());
+    }
     with_request_id(resp, &id)
 }
 
@@ -354,6 +363,7 @@ async fn handle(
     body: Body,
     kind: Kind,
     id: &str,
+    rate: &mut Option<crate::billing::RateHeaders>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let caller = state.auth.authenticate(headers).await?;
@@ -380,8 +390,19 @@ async fn handle(
         }
     };
     let params = generation_params(&sampling)?;
-    let model = resolve_model(state, &model)?;
+    let chute = resolve_model(state, &model)?;
+    let model = chute.model_id.clone();
     let wait = max_wait(state, headers)?;
+    let admitted = crate::billing::admit(
+        state,
+        &caller,
+        id,
+        &chute,
+        bytes.len(),
+        params.max_tokens,
+        rate,
+    )
+    .await?;
     let stream = sampling.stream.unwrap_or(false);
     let include_usage = sampling
         .stream_options
@@ -410,6 +431,7 @@ async fn handle(
         stream,
         created_ms: now_ms(),
         arrived,
+        admitted,
     };
     let mut rx = forward::spawn(state, job, record);
     // Hold the response until the first event: errors before any text
@@ -694,6 +716,7 @@ pub async fn settle(state: &AppState, base: RecordBase, trace: &Trace) {
             );
         }
     }
+    let cost = crate::billing::finish(state, &base.caller, &base.id, &base.admitted, trace).await;
     let http_status = match trace.status {
         "ok" | "cancelled" => 200,
         "no_capacity" => 503,
@@ -717,6 +740,7 @@ pub async fn settle(state: &AppState, base: RecordBase, trace: &Trace) {
         ttft_ms: trace.ttft.map(|t| t.as_millis() as i64),
         latency_ms: total.as_millis() as i64,
         created_ms: base.created_ms,
+        cost,
     };
     if let Err(e) = state.store.record_request(&record).await {
         tracing::error!(error = %e, "could not record request metadata");

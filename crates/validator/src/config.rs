@@ -33,6 +33,19 @@ pub struct ValidatorConfig {
     pub heartbeat_timeout_s: f64,
     /// Let miners register models that have no chute yet (dev networks).
     pub allow_miner_chutes: bool,
+    /// `redis://...`: share rate-limit windows between replicas.
+    pub redis_url: Option<String>,
+    /// Guards `/admin/v1/*`; the admin API is off when unset.
+    pub admin_key: Option<String>,
+    /// Free tier: requests per UTC day per key.
+    pub free_daily_requests: i64,
+    pub free_rpm: u64,
+    pub free_tpm: u64,
+    /// Paid tier: per-key requests and tokens per minute.
+    pub paid_rpm: u64,
+    pub paid_tpm: u64,
+    /// Share of each request's cost kept by the network (the rest goes to miners).
+    pub fee_percent: u32,
 }
 
 impl Default for ValidatorConfig {
@@ -50,6 +63,14 @@ impl Default for ValidatorConfig {
             stall_timeout_s: 30.0,
             heartbeat_timeout_s: 6.0,
             allow_miner_chutes: true,
+            redis_url: None,
+            admin_key: None,
+            free_daily_requests: 200,
+            free_rpm: 60,
+            free_tpm: 100_000,
+            paid_rpm: 600,
+            paid_tpm: 2_000_000,
+            fee_percent: 5,
         }
     }
 }
@@ -75,6 +96,17 @@ impl ValidatorConfig {
         }
         if self.max_attempts == 0 {
             return Err("max_attempts must be at least 1".into());
+        }
+        if self.fee_percent > 100 {
+            return Err("fee_percent must be between 0 and 100".into());
+        }
+        if self.free_rpm == 0 || self.free_tpm == 0 || self.paid_rpm == 0 || self.paid_tpm == 0 {
+            return Err("rate limits must be at least 1".into());
+        }
+        if let Some(k) = &self.admin_key {
+            if k.len() < 16 {
+                return Err("admin_key must be at least 16 characters".into());
+            }
         }
         if self.max_body_bytes < 1024 {
             return Err("max_body_bytes must be at least 1024".into());

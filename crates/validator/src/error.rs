@@ -25,6 +25,12 @@ pub enum ApiError {
     NoCapacity { model: String, retry_after_s: u64 },
     #[error("every eligible instance failed")]
     AllTargetsFailed { attempts: u32 },
+    #[error("{message}")]
+    RateLimited { message: String, retry_after_s: u64 },
+    #[error("{message}")]
+    QuotaExceeded { message: String, retry_after_s: u64 },
+    #[error("{0}")]
+    InsufficientBalance(String),
     #[error("not found")]
     RouteNotFound,
     #[error("{0}")]
@@ -55,6 +61,10 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::ModelNotFound { .. } | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
             ApiError::NoCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RateLimited { .. } | ApiError::QuotaExceeded { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ApiError::InsufficientBalance(_) => StatusCode::PAYMENT_REQUIRED,
             ApiError::AllTargetsFailed { .. } | ApiError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -71,6 +81,9 @@ impl ApiError {
             ApiError::ModelNotFound { .. } => "model_not_found",
             ApiError::ContextLengthExceeded { .. } => "context_length_exceeded",
             ApiError::NoCapacity { .. } => "no_capacity",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::QuotaExceeded { .. } => "quota_exceeded",
+            ApiError::InsufficientBalance(_) => "insufficient_balance",
             ApiError::AllTargetsFailed { .. } => "all_targets_failed",
             ApiError::RouteNotFound => "not_found",
             ApiError::Internal(_) => "internal_error",
@@ -87,6 +100,8 @@ impl ApiError {
             ApiError::InvalidApiKey(_) => "authentication_error",
             ApiError::Forbidden(_) => "permission_error",
             ApiError::NoCapacity { .. } => "service_unavailable",
+            ApiError::RateLimited { .. } | ApiError::QuotaExceeded { .. } => "rate_limit_error",
+            ApiError::InsufficientBalance(_) => "insufficient_quota",
             ApiError::AllTargetsFailed { .. } | ApiError::Internal(_) => "server_error",
         }
     }
@@ -95,13 +110,18 @@ impl ApiError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ApiError::NoCapacity { .. } | ApiError::AllTargetsFailed { .. }
+            ApiError::NoCapacity { .. }
+                | ApiError::AllTargetsFailed { .. }
+                | ApiError::RateLimited { .. }
+                | ApiError::QuotaExceeded { .. }
         )
     }
 
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::NoCapacity { retry_after_s, .. } => Some(*retry_after_s),
+            ApiError::NoCapacity { retry_after_s, .. }
+            | ApiError::RateLimited { retry_after_s, .. }
+            | ApiError::QuotaExceeded { retry_after_s, .. } => Some(*retry_after_s),
             ApiError::AllTargetsFailed { .. } => Some(1),
             _ => None,
         }

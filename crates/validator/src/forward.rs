@@ -90,6 +90,8 @@ pub struct Trace {
     pub miner_key: Option<String>,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Tokens produced per miner (several after a failover).
+    pub contributions: Vec<Contribution>,
     pub status: &'static str,
 }
 
@@ -213,6 +215,7 @@ pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> 
                 });
                 trace.prompt_tokens = prompt_tokens.unwrap_or(0);
                 trace.completion_tokens = generated;
+                trace.contributions = contributions.clone();
                 let done = Outcome {
                     finish_reason,
                     prompt_tokens: trace.prompt_tokens,
@@ -243,6 +246,13 @@ pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> 
             }
             Attempt::ClientGone { tokens } => {
                 generated += tokens;
+                if tokens > 0 {
+                    contributions.push(Contribution {
+                        miner_key,
+                        completion_tokens: tokens,
+                    });
+                }
+                trace.contributions = contributions;
                 trace.prompt_tokens = prompt_tokens.unwrap_or(0);
                 trace.completion_tokens = generated;
                 trace.status = "cancelled";
@@ -252,6 +262,7 @@ pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> 
     };
     trace.prompt_tokens = prompt_tokens.unwrap_or(0);
     trace.completion_tokens = generated;
+    trace.contributions = contributions;
     let _ = tx.send(DriverEvent::Failed(error)).await;
     trace
 }

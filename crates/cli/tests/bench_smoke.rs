@@ -1,0 +1,164 @@
+//! Keeps `sluice bench` from rotting: each benchmark runs in its tiny
+//! `--smoke` form (peers only if already installed) and its final line
+//! must have the documented shape. Never asserts on the figures.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sluice")
+}
+
+/// Runs `sluice ARGS`, failing the test after `timeout`; returns stdout.
+fn run(args: &[&str], timeout: Duration) -> String {
+    let mut child = Command::new(bin())
+        .args(args)
+        .env("SLUICE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).unwrap();
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        stderr.read_to_string(&mut s).unwrap();
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "sluice {args:?} did not finish within {timeout:?}; stderr:\n{}",
+                err.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    assert!(
+        status.success(),
+        "sluice {args:?} failed ({status}):\n{out}\n{err}"
+    );
+    out
+}
+
+/// The `key=value` pairs of the last stdout line, which must start with
+/// `prefix` and name exactly `keys`, in order, each a number or `na`.
+fn final_line(out: &str, prefix: &str, keys: &[&str]) -> Vec<(String, String)> {
+    let last = out.lines().last().unwrap_or_default();
+    let rest = last
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("last line is not `{prefix}...`:\n{out}"));
+    let pairs: Vec<(String, String)> = rest
+        .split(' ')
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .unwrap_or_else(|| panic!("`{kv}` in {last}"));
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    let names: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, keys, "{last}");
+    for (k, v) in &pairs {
+        assert!(
+            v == "na" || v.parse::<f64>().is_ok_and(f64::is_finite),
+            "{k}={v} is neither a number nor na: {last}"
+        );
+    }
+    pairs
+}
+
+fn value<'a>(pairs: &'a [(String, String)], key: &str) -> &'a str {
+    &pairs.iter().find(|(k, _)| k == key).unwrap().1
+}
+
+#[test]
+fn bench_gateway_smoke_prints_its_summary_line() {
+    let out = run(&["bench", "gateway", "--smoke"], Duration::from_secs(600));
+    let pairs = final_line(
+        &out,
+        "bench gateway: ",
+        &[
+            "sluice_p99_added_ms",
+            "litellm_p99_added_ms",
+            "sluice_cpu_us_per_req",
+            "litellm_cpu_us_per_req",
+            "rps_ratio",
+        ],
+    );
+    // Sluice itself is always measured; LiteLLM only where it is installed.
+    assert_ne!(value(&pairs, "sluice_p99_added_ms"), "na", "{out}");
+    assert_ne!(value(&pairs, "sluice_cpu_us_per_req"), "na", "{out}");
+    assert!(out.contains("latency c=1 p50 (ms)"), "{out}");
+}
+
+#[test]
+fn bench_engine_smoke_prints_its_summary_line() {
+    let out = run(&["bench", "engine", "--smoke"], Duration::from_secs(900));
+    let pairs = final_line(
+        &out,
+        "bench engine: ",
+        &[
+            "sluice_tok_s",
+            "llamacpp_tok_s",
+            "ratio1",
+            "sluice_agg8_tok_s",
+            "llamacpp_agg8_tok_s",
+            "ratio8",
+        ],
+    );
+    assert_ne!(value(&pairs, "sluice_tok_s"), "na", "{out}");
+    assert_ne!(value(&pairs, "sluice_agg8_tok_s"), "na", "{out}");
+}
+
+#[test]
+fn upstream_engine_miner_config_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("miner.toml");
+    std::fs::write(
+        &path,
+        "validator = \"http://127.0.0.1:8000\"\n[engine]\nkind = \"upstream\"\nurl = \"http://127.0.0.1:8080/v1\"\nmodel_id = \"my-model\"\ncapacity = 16\n",
+    )
+    .unwrap();
+    let out = run(
+        &[
+            "miner",
+            "--config",
+            path.to_str().unwrap(),
+            "--check-config",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(out.contains("configuration ok"), "{out}");
+    std::fs::write(
+        &path,
+        "validator = \"http://127.0.0.1:8000\"\n[engine]\nkind = \"upstream\"\nurl = \"http://127.0.0.1:8080\"\nmodel_id = \"m\"\ncapacity = 1\nbogus = 1\n",
+    )
+    .unwrap();
+    let status = Command::new(bin())
+        .args([
+            "miner",
+            "--config",
+            path.to_str().unwrap(),
+            "--check-config",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "unknown keys must be rejected");
+}

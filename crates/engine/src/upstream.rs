@@ -1,0 +1,542 @@
+//! The upstream engine: serves a chute by forwarding to any
+//! OpenAI-compatible server (vLLM, SGLang, llama.cpp's `llama-server`,
+//! Ollama, or the benchmark mock). Chat prompts go to
+//! `/v1/chat/completions`, text prompts to `/v1/completions`, always
+//! streamed with `stream_options.include_usage`, and the SSE chunks are
+//! mapped to [`InvokeEvent`]s.
+//!
+//! Token counts come from the upstream's final usage chunk: the prompt
+//! length is only known then, so `Started` is sent just before `Done` (the
+//! validator accepts it in any position). Without a usage chunk, every text
+//! chunk counts as one token and the prompt as zero.
+//!
+//! Mid-stream failover: a text prompt is simply extended by the
+//! continuation. A chat prompt gets a final assistant message holding the
+//! continuation plus `"continue_final_message": true,
+//! "add_generation_prompt": false`, which vLLM and SGLang honour; llama.cpp's
+//! server and Ollama continue a trailing assistant message by default.
+//! Servers that do neither start a fresh assistant turn after it.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sluice_proto::miner::{FinishReason, InvokeEvent, InvokeRequest, PromptInput};
+use sluice_proto::sse::{SseDecoder, DONE};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::{Engine, EngineError, EngineInfo, EventStream};
+
+/// Context window reported when the upstream does not say (it enforces
+/// its own limit and answers 400 beyond it).
+pub const DEFAULT_CONTEXT_LENGTH: u32 = 4096;
+
+/// Where the upstream is and how much of it this miner may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// Base URL, with or without a trailing `/v1`.
+    pub url: String,
+    /// The model name, both as the chute id and as sent upstream.
+    pub model_id: String,
+    /// Concurrent requests allowed upstream; more are refused as busy.
+    pub capacity: u32,
+    /// Sent as `Authorization: Bearer`.
+    pub api_key: Option<String>,
+    pub context_length: u32,
+}
+
+impl UpstreamConfig {
+    pub fn new(url: impl Into<String>, model_id: impl Into<String>, capacity: u32) -> Self {
+        UpstreamConfig {
+            url: url.into(),
+            model_id: model_id.into(),
+            capacity,
+            api_key: None,
+            context_length: DEFAULT_CONTEXT_LENGTH,
+        }
+    }
+}
+
+/// The upstream engine.
+pub struct UpstreamEngine {
+    config: UpstreamConfig,
+    base: String,
+    http: reqwest::Client,
+    slots: Arc<Semaphore>,
+    healthy: Arc<AtomicBool>,
+}
+
+impl UpstreamEngine {
+    pub fn new(config: UpstreamConfig) -> Result<Self, EngineError> {
+        if config.capacity == 0 {
+            return Err(EngineError::Invalid(
+                "upstream capacity must be at least 1".into(),
+            ));
+        }
+        let trimmed = config.url.trim_end_matches('/');
+        if !(trimmed.starts_with("http://") || trimmed.starts_with("https://")) {
+            return Err(EngineError::Invalid(format!(
+                "upstream url must be http(s), not `{}`",
+                config.url
+            )));
+        }
+        let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed).to_string();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(config.capacity as usize)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| EngineError::Load(format!("http client: {e}")))?;
+        Ok(UpstreamEngine {
+            slots: Arc::new(Semaphore::new(config.capacity as usize)),
+            config,
+            base,
+            http,
+            healthy: Arc::new(AtomicBool::new(true)),
+        })
+    }
+
+    /// The JSON body and endpoint path for one request.
+    fn body(&self, request: &InvokeRequest) -> (Value, &'static str, Kind) {
+        let p = &request.params;
+        let mut body = match &request.input {
+            PromptInput::Chat { messages } => {
+                let mut msgs: Vec<Value> = messages
+                    .iter()
+                    .map(|m| json!({"role": m.role, "content": m.content}))
+                    .collect();
+                let mut body = json!({});
+                if !request.continuation.is_empty() {
+                    msgs.push(json!({"role": "assistant", "content": request.continuation}));
+                    body["continue_final_message"] = json!(true);
+                    body["add_generation_prompt"] = json!(false);
+                }
+                body["messages"] = Value::Array(msgs);
+                body
+            }
+            PromptInput::Text { prompt } => {
+                json!({"prompt": format!("{prompt}{}", request.continuation)})
+            }
+        };
+        body["model"] = json!(self.config.model_id);
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        body["temperature"] = json!(p.temperature);
+        body["top_p"] = json!(p.top_p);
+        if let Some(m) = p.max_tokens {
+            body["max_tokens"] = json!(m);
+        }
+        if let Some(s) = p.seed {
+            body["seed"] = json!(s);
+        }
+        if !p.stop.is_empty() {
+            body["stop"] = json!(p.stop);
+        }
+        match request.input {
+            PromptInput::Chat { .. } => (body, "/v1/chat/completions", Kind::Chat),
+            PromptInput::Text { .. } => (body, "/v1/completions", Kind::Text),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+enum Phase {
+    Send(reqwest::RequestBuilder),
+    Streaming(reqwest::Response),
+    Finished,
+}
+
+/// One generation in flight; owns its upstream slot until dropped.
+struct Run {
+    phase: Phase,
+    kind: Kind,
+    pending: VecDeque<InvokeEvent>,
+    decoder: SseDecoder,
+    chunks: u32,
+    finish: Option<FinishReason>,
+    usage: Option<(u32, u32)>,
+    healthy: Arc<AtomicBool>,
+    _slot: OwnedSemaphorePermit,
+}
+
+fn retryable_status(status: reqwest::StatusCode) -> bool {
+    status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408
+}
+
+impl Run {
+    fn fail(&mut self, message: String, retryable: bool) {
+        self.pending
+            .push_back(InvokeEvent::Error { message, retryable });
+        self.phase = Phase::Finished;
+    }
+
+    fn done(&mut self) {
+        let (prompt_tokens, completion_tokens) = self.usage.unwrap_or((0, self.chunks));
+        self.pending
+            .push_back(InvokeEvent::Started { prompt_tokens });
+        self.pending.push_back(InvokeEvent::Done {
+            finish_reason: self.finish.unwrap_or(FinishReason::Stop),
+            prompt_tokens,
+            completion_tokens,
+        });
+        self.phase = Phase::Finished;
+    }
+
+    /// Handles one SSE payload.
+    fn payload(&mut self, payload: &str) {
+        if payload == DONE {
+            self.done();
+            return;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(payload) else {
+            self.fail("upstream sent a malformed stream chunk".into(), true);
+            return;
+        };
+        if let Some(err) = v.get("error") {
+            let message = err["message"]
+                .as_str()
+                .or_else(|| err.as_str())
+                .unwrap_or("upstream error");
+            self.fail(format!("upstream: {message}"), true);
+            return;
+        }
+        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+            let n = |k: &str| u[k].as_u64().map(|x| x.min(u32::MAX as u64) as u32);
+            if let (Some(p), Some(c)) = (n("prompt_tokens"), n("completion_tokens")) {
+                self.usage = Some((p, c));
+            }
+        }
+        let Some(choice) = v["choices"].get(0) else {
+            return;
+        };
+        let text = match self.kind {
+            Kind::Chat => choice["delta"]["content"].as_str(),
+            Kind::Text => choice["text"].as_str(),
+        };
+        if let Some(t) = text.filter(|t| !t.is_empty()) {
+            self.chunks += 1;
+            self.pending.push_back(InvokeEvent::Text {
+                text: t.to_string(),
+                tokens: 1,
+            });
+        }
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            self.finish = Some(if reason == "length" {
+                FinishReason::Length
+            } else {
+                FinishReason::Stop
+            });
+        }
+    }
+
+    /// Advances until an event is ready or the run is over.
+    async fn next(&mut self) -> Option<InvokeEvent> {
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                return Some(ev);
+            }
+            match std::mem::replace(&mut self.phase, Phase::Finished) {
+                Phase::Finished => return None,
+                Phase::Send(builder) => match builder.send().await {
+                    Err(e) => {
+                        if e.is_connect() {
+                            self.healthy.store(false, Ordering::Relaxed);
+                        }
+                        self.fail(format!("upstream unreachable: {e}"), true);
+                    }
+                    Ok(resp) if !resp.status().is_success() => {
+                        self.healthy.store(true, Ordering::Relaxed);
+                        let status = resp.status();
+                        let body = resp.text().await.unwrap_or_default();
+                        let detail: String = body.chars().take(200).collect();
+                        self.fail(
+                            format!("upstream answered {status}: {detail}"),
+                            retryable_status(status),
+                        );
+                    }
+                    Ok(resp) => {
+                        self.healthy.store(true, Ordering::Relaxed);
+                        self.phase = Phase::Streaming(resp);
+                    }
+                },
+                Phase::Streaming(mut resp) => match resp.chunk().await {
+                    Ok(Some(bytes)) => {
+                        self.phase = Phase::Streaming(resp);
+                        for payload in self.decoder.feed(&bytes) {
+                            self.payload(&payload);
+                            if matches!(self.phase, Phase::Finished) {
+                                break;
+                            }
+                        }
+                    }
+                    // Some servers close without `[DONE]` after the finish reason.
+                    Ok(None) if self.finish.is_some() => self.done(),
+                    Ok(None) => self.fail("upstream stream ended early".into(), true),
+                    Err(e) => self.fail(format!("upstream stream broke: {e}"), true),
+                },
+            }
+        }
+    }
+}
+
+impl Engine for UpstreamEngine {
+    fn info(&self) -> EngineInfo {
+        EngineInfo {
+            model_id: self.config.model_id.clone(),
+            capacity: self.config.capacity,
+            context_length: self.config.context_length,
+            description: format!(
+                "upstream OpenAI-compatible server at {}, {} slots",
+                self.base, self.config.capacity
+            ),
+        }
+    }
+
+    fn generate(&self, request: InvokeRequest) -> Result<EventStream, EngineError> {
+        let slot = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| EngineError::Busy)?;
+        let (body, path, kind) = self.body(&request);
+        let mut builder = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("accept", "text/event-stream")
+            .json(&body);
+        if let Some(key) = &self.config.api_key {
+            builder = builder.bearer_auth(key);
+        }
+        let run = Run {
+            phase: Phase::Send(builder),
+            kind,
+            pending: VecDeque::new(),
+            decoder: SseDecoder::new(),
+            chunks: 0,
+            finish: None,
+            usage: None,
+            healthy: self.healthy.clone(),
+            _slot: slot,
+        };
+        // Dropping the stream drops the response, which closes the upstream request.
+        Ok(Box::pin(futures_util::stream::unfold(
+            run,
+            |mut run| async move { run.next().await.map(|ev| (ev, run)) },
+        )))
+    }
+
+    fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn in_flight(&self) -> u32 {
+        self.config.capacity - self.slots.available_permits() as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use sluice_bench::mock::{self, MockOptions, MockServer, COMPLETION_TOKENS, PROMPT_TOKENS};
+    use sluice_proto::miner::{GenerationParams, PromptMessage};
+    use tokio_util::sync::CancellationToken;
+
+    async fn mock() -> (MockServer, CancellationToken) {
+        let stop = CancellationToken::new();
+        let m = mock::start(
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            MockOptions { record: true },
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        (m, stop)
+    }
+
+    fn chat(model: &str, continuation: &str) -> InvokeRequest {
+        InvokeRequest {
+            request_id: "r1".into(),
+            model: model.into(),
+            input: PromptInput::Chat {
+                messages: vec![PromptMessage {
+                    role: "user".into(),
+                    content: "hi".into(),
+                }],
+            },
+            params: GenerationParams {
+                max_tokens: Some(8),
+                temperature: 0.0,
+                seed: Some(7),
+                stop: vec!["\n\n".into()],
+                ..Default::default()
+            },
+            continuation: continuation.into(),
+        }
+    }
+
+    fn engine(m: &MockServer, model: &str, capacity: u32) -> UpstreamEngine {
+        let mut cfg = UpstreamConfig::new(format!("{}/v1/", m.base_url()), model, capacity);
+        cfg.api_key = Some("sk-test".into());
+        UpstreamEngine::new(cfg).unwrap()
+    }
+
+    fn text_of(events: &[InvokeEvent]) -> String {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                InvokeEvent::Text { text, .. } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn chat_stream_maps_to_events_with_upstream_usage() {
+        let (m, stop) = mock().await;
+        let e = engine(&m, "mock-model", 2);
+        let events: Vec<_> = e.generate(chat("mock-model", "")).unwrap().collect().await;
+        assert_eq!(text_of(&events), mock::answer());
+        let n = events.len();
+        assert_eq!(
+            events[n - 2],
+            InvokeEvent::Started {
+                prompt_tokens: PROMPT_TOKENS
+            }
+        );
+        assert_eq!(
+            events[n - 1],
+            InvokeEvent::Done {
+                finish_reason: FinishReason::Stop,
+                prompt_tokens: PROMPT_TOKENS,
+                completion_tokens: COMPLETION_TOKENS,
+            }
+        );
+        let sent = m.last_request().unwrap();
+        assert_eq!(sent["model"], "mock-model");
+        assert_eq!(sent["stream"], true);
+        assert_eq!(sent["stream_options"]["include_usage"], true);
+        assert_eq!(sent["max_tokens"], 8);
+        assert_eq!(sent["seed"], 7);
+        assert_eq!(sent["stop"][0], "\n\n");
+        assert!(sent.get("continue_final_message").is_none());
+        assert_eq!(e.in_flight(), 0);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn text_prompts_use_completions_and_append_the_continuation() {
+        let (m, stop) = mock().await;
+        let e = engine(&m, "mock-model", 2);
+        let mut req = chat("mock-model", " already said");
+        req.input = PromptInput::Text {
+            prompt: "Once".into(),
+        };
+        let events: Vec<_> = e.generate(req).unwrap().collect().await;
+        assert_eq!(text_of(&events), mock::answer());
+        assert!(matches!(events.last(), Some(InvokeEvent::Done { .. })));
+        assert_eq!(m.last_request().unwrap()["prompt"], "Once already said");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn chat_continuation_becomes_a_final_assistant_message() {
+        let (m, stop) = mock().await;
+        let e = engine(&m, "mock-model", 2);
+        let _: Vec<_> = e
+            .generate(chat("mock-model", "Hello fr"))
+            .unwrap()
+            .collect()
+            .await;
+        let sent = m.last_request().unwrap();
+        let msgs = sent["messages"].as_array().unwrap();
+        assert_eq!(msgs.len(), 2);
+        assert_eq!(msgs[1]["role"], "assistant");
+        assert_eq!(msgs[1]["content"], "Hello fr");
+        assert_eq!(sent["continue_final_message"], true);
+        assert_eq!(sent["add_generation_prompt"], false);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn upstream_failures_become_error_events() {
+        let (m, stop) = mock().await;
+        for (model, retryable) in [("fail-500", true), ("fail-400", false)] {
+            let e = engine(&m, model, 1);
+            let events: Vec<_> = e.generate(chat(model, "")).unwrap().collect().await;
+            match events.as_slice() {
+                [InvokeEvent::Error { retryable: r, .. }] => assert_eq!(*r, retryable, "{model}"),
+                other => panic!("{model}: {other:?}"),
+            }
+        }
+        let e = engine(&m, "fail-midstream", 1);
+        let events: Vec<_> = e
+            .generate(chat("fail-midstream", ""))
+            .unwrap()
+            .collect()
+            .await;
+        assert!(matches!(
+            events.last(),
+            Some(InvokeEvent::Error {
+                retryable: true,
+                ..
+            })
+        ));
+        assert!(matches!(events[0], InvokeEvent::Text { .. }), "{events:?}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn refuses_beyond_capacity_and_frees_slots_on_drop() {
+        let (m, stop) = mock().await;
+        let e = engine(&m, "mock-model", 1);
+        let first = e.generate(chat("mock-model", "")).unwrap();
+        assert_eq!(e.in_flight(), 1);
+        assert!(matches!(
+            e.generate(chat("mock-model", "")),
+            Err(EngineError::Busy)
+        ));
+        drop(first);
+        assert_eq!(e.in_flight(), 0);
+        assert!(e.generate(chat("mock-model", "")).is_ok());
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn unreachable_upstream_is_retryable_and_unhealthy() {
+        // Bind then drop: nothing listens on that port any more.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = UpstreamEngine::new(UpstreamConfig::new(
+            format!("http://127.0.0.1:{port}"),
+            "m",
+            1,
+        ))
+        .unwrap();
+        let events: Vec<_> = e.generate(chat("m", "")).unwrap().collect().await;
+        assert!(matches!(
+            events.as_slice(),
+            [InvokeEvent::Error {
+                retryable: true,
+                ..
+            }]
+        ));
+        assert!(!e.healthy());
+    }
+
+    #[test]
+    fn rejects_bad_config() {
+        assert!(UpstreamEngine::new(UpstreamConfig::new("ftp://x", "m", 1)).is_err());
+        assert!(UpstreamEngine::new(UpstreamConfig::new("http://x", "m", 0)).is_err());
+    }
+}

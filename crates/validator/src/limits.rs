@@ -1,0 +1,378 @@
+//! Per-key request and token rate limits over a sliding 60-second window.
+//! One node keeps the windows in memory; replicas share them in Redis,
+//! where a Lua script checks and records atomically, so a limit holds
+//! exactly however requests are spread over replicas. (The free tier's
+//! daily quota is a durable counter in the database, see the store.)
+//!
+//! If Redis is unreachable the limiter fails open (logs, admits): rate
+//! limits protect capacity, the ledger protects money.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+const WINDOW_MS: i64 = 60_000;
+
+/// Limits of one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowLimits {
+    pub rpm: u64,
+    pub tpm: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exceeded {
+    Requests,
+    Tokens,
+}
+
+/// The outcome of an admission, with what the rate-limit headers report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowState {
+    pub exceeded: Option<Exceeded>,
+    pub requests_limit: u64,
+    pub requests_remaining: u64,
+    /// Until one more request fits.
+    pub requests_reset_ms: i64,
+    pub tokens_limit: u64,
+    pub tokens_remaining: u64,
+    /// Until the window has room for the tokens asked for.
+    pub tokens_reset_ms: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// One key's window: (time, request id, tokens), oldest first.
+type Window = VecDeque<(i64, String, u64)>;
+
+pub enum Limiter {
+    Local(Mutex<HashMap<String, Window>>),
+    Redis(RedisLimiter),
+}
+
+pub struct RedisLimiter {
+    conn: redis::aio::MultiplexedConnection,
+    admit: redis::Script,
+    update: redis::Script,
+}
+
+impl Limiter {
+    pub fn local() -> Self {
+        Limiter::Local(Mutex::new(HashMap::new()))
+    }
+
+    pub async fn redis(url: &str) -> Result<Self, LimitError> {
+        let client = redis::Client::open(url)?;
+        let conn = client.get_multiplexed_async_connection().await?;
+        Ok(Limiter::Redis(RedisLimiter {
+            conn,
+            admit: redis::Script::new(ADMIT_LUA),
+            update: redis::Script::new(UPDATE_LUA),
+        }))
+    }
+
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Limiter::Redis(_))
+    }
+
+    /// Checks and (if allowed) records a request of `tokens` estimated tokens.
+    pub async fn admit(
+        &self,
+        key_id: &str,
+        request_id: &str,
+        tokens: u64,
+        limits: WindowLimits,
+        now: i64,
+    ) -> Result<WindowState, LimitError> {
+        let tokens = tokens.min(limits.tpm);
+        match self {
+            Limiter::Local(map) => {
+                let mut map = match map.lock() {
+                    Ok(m) => m,
+                    Err(p) => p.into_inner(),
+                };
+                if map.len() > 100_000 {
+                    map.retain(|_, w| w.back().is_some_and(|(ts, _, _)| *ts > now - WINDOW_MS));
+                }
+                let window = map.entry(key_id.to_string()).or_default();
+                while window
+                    .front()
+                    .is_some_and(|(ts, _, _)| *ts <= now - WINDOW_MS)
+                {
+                    window.pop_front();
+                }
+                let entries: Vec<(i64, u64)> = window.iter().map(|(ts, _, t)| (*ts, *t)).collect();
+                let state = decide(&entries, tokens, limits, now);
+                if state.exceeded.is_none() {
+                    window.push_back((now, request_id.to_string(), tokens));
+                }
+                Ok(state)
+            }
+            Limiter::Redis(r) => {
+                let mut conn = r.conn.clone();
+                let entries: Vec<(i64, u64)> = r
+                    .admit
+                    .key(format!("sluice:rl:{key_id}"))
+                    .arg(now)
+                    .arg(WINDOW_MS)
+                    .arg(limits.rpm)
+                    .arg(limits.tpm)
+                    .arg(tokens)
+                    .arg(request_id)
+                    .invoke_async::<Vec<(i64, u64)>>(&mut conn)
+                    .await?;
+                // The script returns the window as it was before this
+                // request (and recorded it if it fits): decide the same way.
+                Ok(decide(&entries, tokens, limits, now))
+            }
+        }
+    }
+
+    /// Replaces a recorded request's token estimate with its actual count,
+    /// or removes it (`None`: the request was not served).
+    pub async fn update(
+        &self,
+        key_id: &str,
+        request_id: &str,
+        tokens: Option<u64>,
+    ) -> Result<(), LimitError> {
+        match self {
+            Limiter::Local(map) => {
+                let mut map = match map.lock() {
+                    Ok(m) => m,
+                    Err(p) => p.into_inner(),
+                };
+                if let Some(window) = map.get_mut(key_id) {
+                    match tokens {
+                        Some(t) => {
+                            if let Some(e) = window.iter_mut().find(|(_, id, _)| id == request_id) {
+                                e.2 = t;
+                            }
+                        }
+                        None => window.retain(|(_, id, _)| id != request_id),
+                    }
+                }
+                Ok(())
+            }
+            Limiter::Redis(r) => {
+                let mut conn = r.conn.clone();
+                let _: i64 = r
+                    .update
+                    .key(format!("sluice:rl:{key_id}"))
+                    .arg(request_id)
+                    .arg(tokens.map_or(-1, |t| t as i64))
+                    .invoke_async(&mut conn)
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The admission decision over a window's (time, tokens) entries.
+pub fn decide(entries: &[(i64, u64)], tokens: u64, limits: WindowLimits, now: i64) -> WindowState {
+    let live: Vec<(i64, u64)> = entries
+        .iter()
+        .copied()
+        .filter(|(ts, _)| *ts > now - WINDOW_MS)
+        .collect();
+    let count = live.len() as u64;
+    let used: u64 = live.iter().map(|(_, t)| t).sum();
+    let oldest_reset = live
+        .first()
+        .map_or(0, |(ts, _)| ts + WINDOW_MS - now)
+        .max(0);
+    let exceeded = if count + 1 > limits.rpm {
+        Some(Exceeded::Requests)
+    } else if used + tokens > limits.tpm {
+        Some(Exceeded::Tokens)
+    } else {
+        None
+    };
+    // When will enough tokens have left the window?
+    let mut tokens_reset = 0;
+    if used + tokens > limits.tpm {
+        let mut freed = 0;
+        for (ts, t) in &live {
+            freed += t;
+            if used - freed + tokens <= limits.tpm {
+                tokens_reset = (ts + WINDOW_MS - now).max(0);
+                break;
+            }
+        }
+    }
+    let (count_after, used_after) = if exceeded.is_none() {
+        (count + 1, used + tokens)
+    } else {
+        (count, used)
+    };
+    WindowState {
+        exceeded,
+        requests_limit: limits.rpm,
+        requests_remaining: limits.rpm.saturating_sub(count_after),
+        requests_reset_ms: if count_after >= limits.rpm {
+            oldest_reset.max(1)
+        } else {
+            0
+        },
+        tokens_limit: limits.tpm,
+        tokens_remaining: limits.tpm.saturating_sub(used_after),
+        tokens_reset_ms: tokens_reset,
+    }
+}
+
+/// Prunes the window, returns it (as it was before this request) as
+/// {score, tokens} pairs, and records the request if it fits.
+const ADMIT_LUA: &str = r#"
+local key = KEYS[1]
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local rpm = tonumber(ARGV[3])
+local tpm = tonumber(ARGV[4])
+local tokens = tonumber(ARGV[5])
+local id = ARGV[6]
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+local raw = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+local out = {}
+local count = 0
+local used = 0
+for i = 1, #raw, 2 do
+  local t = tonumber(string.match(raw[i], '|(%d+)$')) or 0
+  count = count + 1
+  used = used + t
+  out[#out + 1] = {tonumber(raw[i + 1]), t}
+end
+if count + 1 <= rpm and used + tokens <= tpm then
+  redis.call('ZADD', key, now, id .. '|' .. tokens)
+  redis.call('PEXPIRE', key, window * 2)
+end
+return out
+"#;
+
+/// Rewrites (ARGV[2] >= 0) or removes (ARGV[2] = -1) a request's entry.
+const UPDATE_LUA: &str = r#"
+local key = KEYS[1]
+local id = ARGV[1]
+local tokens = tonumber(ARGV[2])
+local raw = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+for i = 1, #raw, 2 do
+  local member = raw[i]
+  if string.sub(member, 1, #id + 1) == id .. '|' then
+    redis.call('ZREM', key, member)
+    if tokens >= 0 then
+      redis.call('ZADD', key, raw[i + 1], id .. '|' .. tokens)
+    end
+    return 1
+  end
+end
+return 0
+"#;
+
+/// OpenAI-style duration for reset headers: `1s`, `6m0s`, `1h2m3s`, `250ms`.
+pub fn reset_string(ms: i64) -> String {
+    let ms = ms.max(0);
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let s = (ms + 999) / 1000;
+    let (h, m, s) = (s / 3600, (s % 3600) / 60, s % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else if m > 0 {
+        format!("{m}m{s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: WindowLimits = WindowLimits { rpm: 3, tpm: 100 };
+
+    #[tokio::test]
+    async fn local_window_counts_requests_and_tokens() {
+        let l = Limiter::local();
+        for i in 0..3 {
+            let s = l
+                .admit("k", &format!("r{i}"), 10, L, 1_000 + i)
+                .await
+                .unwrap();
+            assert_eq!(s.exceeded, None);
+            assert_eq!(s.requests_remaining, 2 - i as u64);
+        }
+        let s = l.admit("k", "r3", 10, L, 2_000).await.unwrap();
+        assert_eq!(s.exceeded, Some(Exceeded::Requests));
+        assert_eq!(s.requests_reset_ms, 59_000);
+        // The window slides.
+        let s = l.admit("k", "r4", 10, L, 61_001).await.unwrap();
+        assert_eq!(s.exceeded, None);
+        // Tokens: estimates are replaced by actual counts.
+        let l = Limiter::local();
+        assert_eq!(l.admit("t", "a", 90, L, 0).await.unwrap().exceeded, None);
+        assert_eq!(
+            l.admit("t", "b", 20, L, 1).await.unwrap().exceeded,
+            Some(Exceeded::Tokens)
+        );
+        l.update("t", "a", Some(40)).await.unwrap();
+        let s = l.admit("t", "b", 20, L, 2).await.unwrap();
+        assert_eq!(s.exceeded, None);
+        assert_eq!(s.tokens_remaining, 40);
+        l.update("t", "b", None).await.unwrap();
+        assert_eq!(
+            l.admit("t", "c", 60, L, 3).await.unwrap().tokens_remaining,
+            0
+        );
+    }
+
+    #[test]
+    fn token_reset_is_when_enough_leaves() {
+        let s = decide(&[(0, 50), (10_000, 40)], 30, L, 20_000);
+        assert_eq!(s.exceeded, Some(Exceeded::Tokens));
+        assert_eq!(s.tokens_reset_ms, 40_000);
+    }
+
+    #[test]
+    fn reset_strings() {
+        assert_eq!(reset_string(250), "250ms");
+        assert_eq!(reset_string(1_000), "1s");
+        assert_eq!(reset_string(360_000), "6m0s");
+        assert_eq!(reset_string(3_723_000), "1h2m3s");
+    }
+
+    #[tokio::test]
+    async fn redis_window_is_shared_and_exact() {
+        let Ok(url) = std::env::var("SLUICE_TEST_REDIS_URL") else {
+            eprintln!("skipped: SLUICE_TEST_REDIS_URL is not set");
+            return;
+        };
+        let a = Limiter::redis(&url).await.unwrap();
+        let b = Limiter::redis(&url).await.unwrap();
+        let key = format!("test-{}", sluice_store::now_ms());
+        let now = sluice_store::now_ms();
+        let mut admitted = 0;
+        for i in 0..6 {
+            let l = if i % 2 == 0 { &a } else { &b };
+            if l.admit(&key, &format!("r{i}"), 10, L, now + i)
+                .await
+                .unwrap()
+                .exceeded
+                .is_none()
+            {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 3);
+        a.update(&key, "r0", None).await.unwrap();
+        assert!(b
+            .admit(&key, "r9", 10, L, now + 10)
+            .await
+            .unwrap()
+            .exceeded
+            .is_none());
+    }
+}
