@@ -132,22 +132,13 @@ async fn chaos_in(args: &ChaosArgs, dir: &Path) -> Result<()> {
         children.0.push(child);
     }
     eprintln!("waiting for {} miners to register", args.miners);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let n: usize = validator
-            .state
-            .registry
-            .routable_counts()
-            .iter()
-            .map(|(_, n)| n)
-            .sum();
-        if n >= args.miners as usize {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {n} of {} miners registered within 120 s", args.miners);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if !validator
+        .state
+        .registry
+        .wait_routable(args.miners as usize, Duration::from_secs(120))
+        .await
+    {
+        bail!("not all {} miners registered within 120 s", args.miners);
     }
 
     let client = reqwest::Client::builder()

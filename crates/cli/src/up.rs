@@ -114,23 +114,13 @@ pub async fn run(args: UpArgs) -> Result<()> {
     }
 
     // Ready once every miner is routable.
-    let wanted = args.miners as usize;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let n: usize = validator
-            .state
-            .registry
-            .routable_counts()
-            .iter()
-            .map(|(_, n)| n)
-            .sum();
-        if n >= wanted {
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("only {n} of {wanted} miners registered within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if !validator
+        .state
+        .registry
+        .wait_routable(args.miners as usize, Duration::from_secs(60))
+        .await
+    {
+        anyhow::bail!("not all {} miners registered within 60 s", args.miners);
     }
     println!("ready: {base}/v1");
     println!(

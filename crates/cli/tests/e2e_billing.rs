@@ -45,48 +45,6 @@ fn start_validator(dir: &Path, name: &str, port: u16, extra: &str) -> (Proc, Str
     (p, base_from_ready(&ready))
 }
 
-/// Starts a fake miner registered with `validators` (comma-separated).
-fn miner(dir: &Path, validators: &str, name: &str, script: &str) -> Proc {
-    let cfg = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &cfg,
-        format!("[engine]\nkind = \"fake\"\nmodel_id = \"{MODEL}\"\n{script}"),
-    )
-    .unwrap();
-    let data = dir.join(name);
-    Proc::start(
-        &[
-            "miner",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--validator",
-            validators,
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        dir,
-        name,
-        "miner serving on ",
-        Duration::from_secs(30),
-    )
-    .0
-}
-
-async fn wait_routable(base: &str, n: u64) {
-    for _ in 0..300 {
-        if let Ok(r) = client().get(format!("{base}/health")).send().await {
-            let v: Value = r.json().await.unwrap();
-            if v["routable_instances"].as_u64().unwrap_or(0) >= n {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{base}: fewer than {n} routable instances");
-}
-
 async fn admin(base: &str, method: &str, path: &str, body: Option<Value>) -> Value {
     let c = client();
     let req = match method {
@@ -150,7 +108,7 @@ async fn free_quota_paid_pricing_limits_and_admin_on_sqlite() {
         free_port(),
         "free_rpm = 100000\npaid_rpm = 3\n",
     );
-    let _m = miner(dir.path(), &base, "m", "capacity = 16\n");
+    let _m = fake_miner(dir.path(), &base, "m", "capacity = 16\n");
     wait_routable(&base, 1).await;
 
     // Free tier: 200 requests per UTC day, then 429 quota_exceeded.
@@ -279,7 +237,7 @@ async fn killing_the_validator_mid_stream_charges_nothing_twice() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let (mut v, base) = start_validator(dir.path(), "v", port, "");
-    let _m = miner(
+    let _m = fake_miner(
         dir.path(),
         &base,
         "m",
@@ -372,7 +330,7 @@ async fn replicas_on_postgres_and_redis_hold_limits_exactly() {
     let (_a, base_a) = start_validator(dir.path(), "a", free_port(), &extra);
     let (_b, base_b) = start_validator(dir.path(), "b", free_port(), &extra);
     // One miner known to both replicas.
-    let _m = miner(
+    let _m = fake_miner(
         dir.path(),
         &format!("{base_a},{base_b}"),
         "m",

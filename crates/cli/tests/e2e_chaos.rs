@@ -53,52 +53,6 @@ fn validator(dir: &Path, extra: &str) -> (Proc, String, String) {
     (p, base_from_ready(&ready), key)
 }
 
-fn fake_miner(dir: &Path, base: &str, name: &str, script: &str) -> Proc {
-    let cfg = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &cfg,
-        format!("[engine]\nkind = \"fake\"\nmodel_id = \"{MODEL}\"\n{script}"),
-    )
-    .unwrap();
-    let data = dir.join(name);
-    Proc::start(
-        &[
-            "miner",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--validator",
-            base,
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        dir,
-        name,
-        "miner serving on ",
-        Duration::from_secs(30),
-    )
-    .0
-}
-
-async fn wait_routable(base: &str, n: u64) {
-    for _ in 0..200 {
-        let v: Value = client()
-            .get(format!("{base}/health"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if v["routable_instances"].as_u64().unwrap() >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("fewer than {n} routable instances");
-}
-
 /// The exact text the fake engine produces for `n` tokens.
 fn expected_text(n: u32) -> String {
     (0..n).map(sluice_engine::fake::fake_token).collect()

@@ -54,28 +54,6 @@ fn start_miner(dir: &std::path::Path, base: &str, name: &str, model: &std::path:
     .0
 }
 
-async fn routable(base: &str) -> u64 {
-    let v: Value = client()
-        .get(format!("{base}/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["routable_instances"].as_u64().unwrap()
-}
-
-async fn wait_routable(base: &str, n: u64) {
-    for _ in 0..200 {
-        if routable(base).await >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("fewer than {n} routable instances after 20 s");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validator_and_two_miner_processes_serve_requests() {
     let dir = tempfile::tempdir().unwrap();

@@ -206,24 +206,12 @@ impl Store {
     }
 
     pub async fn find_key(&self, key_id: &str) -> Result<Option<KeyRecord>> {
-        let row = sqlx::query(
-            "SELECT k.id, k.user_id, k.name, k.secret_hash, k.revoked_ms, u.tier \
-             FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.id = $1",
-        )
-        .bind(key_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            Ok(KeyRecord {
-                key_id: r.try_get("id")?,
-                user_id: r.try_get("user_id")?,
-                name: r.try_get("name")?,
-                secret_hash: r.try_get("secret_hash")?,
-                revoked: r.try_get::<Option<i64>, _>("revoked_ms")?.is_some(),
-                tier: r.try_get("tier")?,
-            })
-        })
-        .transpose()
+        let sql = format!("{KEY_SELECT} WHERE k.id = $1");
+        let row = sqlx::query(&sql)
+            .bind(key_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(key_record).transpose()
     }
 
     /// Checks a full presented key; `None` if unknown, revoked or wrong.
@@ -238,24 +226,9 @@ impl Store {
     }
 
     pub async fn list_keys(&self) -> Result<Vec<KeyRecord>> {
-        let rows = sqlx::query(
-            "SELECT k.id, k.user_id, k.name, k.secret_hash, k.revoked_ms, u.tier \
-             FROM api_keys k JOIN users u ON u.id = k.user_id ORDER BY k.created_ms",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(KeyRecord {
-                    key_id: r.try_get("id")?,
-                    user_id: r.try_get("user_id")?,
-                    name: r.try_get("name")?,
-                    secret_hash: r.try_get("secret_hash")?,
-                    revoked: r.try_get::<Option<i64>, _>("revoked_ms")?.is_some(),
-                    tier: r.try_get("tier")?,
-                })
-            })
-            .collect()
+        let sql = format!("{KEY_SELECT} ORDER BY k.created_ms");
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        rows.iter().map(key_record).collect()
     }
 
     pub async fn revoke_key(&self, key_id: &str) -> Result<()> {
@@ -373,6 +346,20 @@ impl Store {
             .await?;
         Ok(row.try_get("n")?)
     }
+}
+
+const KEY_SELECT: &str = "SELECT k.id, k.user_id, k.name, k.secret_hash, k.revoked_ms, u.tier \
+     FROM api_keys k JOIN users u ON u.id = k.user_id";
+
+fn key_record(r: &sqlx::any::AnyRow) -> Result<KeyRecord> {
+    Ok(KeyRecord {
+        key_id: r.try_get("id")?,
+        user_id: r.try_get("user_id")?,
+        name: r.try_get("name")?,
+        secret_hash: r.try_get("secret_hash")?,
+        revoked: r.try_get::<Option<i64>, _>("revoked_ms")?.is_some(),
+        tier: r.try_get("tier")?,
+    })
 }
 
 /// Hides the password of a database URL for messages.

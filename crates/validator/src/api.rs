@@ -314,19 +314,7 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let id = request_id(&headers);
-    let mut rate = None;
-    let mut resp = match handle(&state, &headers, body, Kind::Chat, &id, &mut rate).await {
-        Ok(r) => r,
-        Err(e) => {
-            count_error(&state, &e);
-            e.into_response()
-        }
-    };
-    if let Some(r) = rate {
-        r.apply(resp.headers_mut());
-    }
-    with_request_id(resp, &id)
+    serve(&state, &headers, body, Kind::Chat).await
 }
 
 pub async fn completions(
@@ -334,12 +322,18 @@ pub async fn completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let id = request_id(&headers);
+    serve(&state, &headers, body, Kind::Completion).await
+}
+
+/// Runs one completion request; every outcome carries the request id and
+/// (once the caller is known) the rate-limit headers.
+async fn serve(state: &AppState, headers: &HeaderMap, body: Body, kind: Kind) -> Response {
+    let id = request_id(headers);
     let mut rate = None;
-    let mut resp = match handle(&state, &headers, body, Kind::Completion, &id, &mut rate).await {
+    let mut resp = match handle(state, headers, body, kind, &id, &mut rate).await {
         Ok(r) => r,
         Err(e) => {
-            count_error(&state, &e);
+            count_error(state, &e);
             e.into_response()
         }
     };

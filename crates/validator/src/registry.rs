@@ -350,6 +350,21 @@ impl Registry {
             .collect()
     }
 
+    /// Waits until at least `n` instances are routable; false on timeout.
+    pub async fn wait_routable(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let routable: usize = self.routable_counts().iter().map(|(_, c)| c).sum();
+            if routable >= n {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn instances_of(&self, model: &str) -> Vec<Arc<Instance>> {
         match self.instances.read() {
             Ok(m) => m.get(model).cloned().unwrap_or_default(),

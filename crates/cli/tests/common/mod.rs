@@ -165,3 +165,47 @@ pub async fn post(
     let headers = resp.headers().clone();
     (status, headers, resp.text().await.unwrap())
 }
+
+/// Polls `/health` until `n` instances are routable (30 s at most).
+pub async fn wait_routable(base: &str, n: u64) {
+    for _ in 0..300 {
+        if let Ok(r) = client().get(format!("{base}/health")).send().await {
+            let v: serde_json::Value = r.json().await.unwrap();
+            if v["routable_instances"].as_u64().unwrap_or(0) >= n {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{base}: fewer than {n} routable instances after 30 s");
+}
+
+/// Starts a miner running the scripted fake engine, registered with
+/// `validators` (comma-separated). `script` is TOML for `[engine]`.
+pub fn fake_miner(dir: &Path, validators: &str, name: &str, script: &str) -> Proc {
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &cfg,
+        format!("[engine]\nkind = \"fake\"\nmodel_id = \"{MODEL}\"\n{script}"),
+    )
+    .unwrap();
+    let data = dir.join(name);
+    Proc::start(
+        &[
+            "miner",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--validator",
+            validators,
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        dir,
+        name,
+        "miner serving on ",
+        Duration::from_secs(30),
+    )
+    .0
+}
