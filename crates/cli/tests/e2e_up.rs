@@ -55,7 +55,7 @@ async fn up_serves_the_openai_api_with_the_real_model() {
     let (status, headers, body) =
         post(&base, "/v1/chat/completions", Some(&key), chat.clone()).await;
     assert_eq!(status, 200, "{body}");
-    assert!(headers.contains_key("x-request-id"));
+    let request_id = headers["x-request-id"].to_str().unwrap().to_string();
     let v: Value = serde_json::from_str(&body).unwrap();
     let text = v["choices"][0]["message"]["content"]
         .as_str()
@@ -266,8 +266,13 @@ async fn up_serves_the_openai_api_with_the_real_model() {
     let status = up.terminate(Duration::from_secs(30));
     assert!(status.success(), "exit status {status:?}");
 
-    // No prompt or completion text anywhere on disk or in the logs.
+    // No prompt or completion text anywhere on disk or in the logs; the
+    // request id reached the miner that served it.
     let logs = up.stderr();
+    assert!(
+        logs.lines().any(|l| l.contains(&request_id) && l.contains("generation started")),
+        "request id {request_id} not in the miner's logs"
+    );
     assert!(!logs.contains(CANARY), "prompt text leaked into logs");
     for entry in walk(&data) {
         let bytes = std::fs::read(&entry).unwrap();

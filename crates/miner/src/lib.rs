@@ -235,7 +235,7 @@ async fn invoke(State(state): State<MinerState>, headers: HeaderMap, body: Bytes
         Err(EngineError::Busy) => return reject(StatusCode::SERVICE_UNAVAILABLE, "at capacity"),
         Err(e) => return reject(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
-    tracing::debug!("generation started");
+    tracing::info!("generation started");
     let frames = events.map(|ev: InvokeEvent| {
         let payload = serde_json::to_string(&ev).unwrap_or_else(|_| "{}".into());
         Ok::<_, std::convert::Infallible>(Bytes::from(encode_data(&payload)))
