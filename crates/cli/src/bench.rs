@@ -67,8 +67,8 @@ async fn mock_upstream(args: MockArgs) -> Result<()> {
     Ok(())
 }
 
-/// Where benchmark peers and their builds are cached:
-/// `$XDG_CACHE_HOME/sluice/bench`, else `~/.cache/sluice/bench`.
+/// Where benchmark peers and their builds are cached: `$SLUICE_BENCH_CACHE`,
+/// else `$XDG_CACHE_HOME/sluice/bench`, else `~/.cache/sluice/bench`.
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("SLUICE_BENCH_CACHE")
         .map(PathBuf::from)

@@ -270,7 +270,8 @@ async fn up_serves_the_openai_api_with_the_real_model() {
     // request id reached the miner that served it.
     let logs = up.stderr();
     assert!(
-        logs.lines().any(|l| l.contains(&request_id) && l.contains("generation started")),
+        logs.lines()
+            .any(|l| l.contains(&request_id) && l.contains("generation started")),
         "request id {request_id} not in the miner's logs"
     );
     assert!(!logs.contains(CANARY), "prompt text leaked into logs");

@@ -536,7 +536,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_config() {
-        assert!(UpstreamEngine::new(UpstreamConfig::new("ftp://x", "m", 1)).is_err());
-        assert!(UpstreamEngine::new(UpstreamConfig::new("http://x", "m", 0)).is_err());
+        assert!(UpstreamEngine::new(UpstreamConfig::new("ftp://127.0.0.1", "m", 1)).is_err());
+        assert!(UpstreamEngine::new(UpstreamConfig::new("http://127.0.0.1:9", "m", 0)).is_err());
     }
 }

@@ -91,7 +91,7 @@ enum Contender {
         http: reqwest::Client,
         /// Extra body fields (llama-server: no prompt cache).
         extra: serde_json::Value,
-        _proc: ChildProc,
+        _proc: Box<ChildProc>,
     },
 }
 
@@ -137,7 +137,10 @@ impl Contender {
                 bail!("the engine stream ended without Done")
             }
             Contender::Http {
-                base, http, extra, ..
+                base,
+                http,
+                extra,
+                _proc: proc,
             } => {
                 let mut body = serde_json::json!({
                     "model": "bench",
@@ -157,7 +160,8 @@ impl Contender {
                     .post(format!("{base}/v1/chat/completions"))
                     .json(&body)
                     .send()
-                    .await?;
+                    .await
+                    .with_context(|| format!("{base}: server log tail:\n{}", proc.log_tail(10)))?;
                 if !resp.status().is_success() {
                     bail!(
                         "{} answered {}: {}",
@@ -259,7 +263,7 @@ async fn start_llama_server(
             .timeout(Duration::from_secs(600))
             .build()?,
         extra: serde_json::json!({"cache_prompt": false}),
-        _proc: proc,
+        _proc: Box::new(proc),
     })
 }
 
@@ -312,12 +316,12 @@ async fn start_llama_cpp_python(
             .timeout(Duration::from_secs(600))
             .build()?,
         extra: serde_json::json!({}),
-        _proc: proc,
+        _proc: Box::new(proc),
     })
 }
 
 pub async fn run(args: EngineArgs) -> Result<()> {
-    let runs = args.runs.unwrap_or(if args.smoke { 1 } else { 3 });
+    let runs = args.runs.unwrap_or(if args.smoke { 1 } else { 5 });
     let max_tokens = args.max_tokens.unwrap_or(if args.smoke { 8 } else { 64 });
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -384,11 +388,21 @@ pub async fn run(args: EngineArgs) -> Result<()> {
         }
     }
 
-    // Warm-up (page in the weights, first-use allocations).
+    // Warm-up (page in the weights, first-use allocations); a server that
+    // has just said it is healthy gets a couple of retries.
     for (name, c) in &contenders {
-        c.generate(0, 4)
-            .await
-            .with_context(|| format!("{name}: warm-up"))?;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match c.generate(0, 4).await {
+                Ok(_) => break,
+                Err(e) if tries < 3 => {
+                    progress(&format!("{name}: warm-up failed, retrying: {e:#}"));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e.context(format!("{name}: warm-up"))),
+            }
+        }
     }
     let mut single: Vec<Vec<Step>> = vec![Vec::new(); contenders.len()];
     let mut multi: Vec<Vec<Step>> = vec![Vec::new(); contenders.len()];

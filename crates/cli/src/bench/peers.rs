@@ -138,43 +138,49 @@ impl LiteLlm {
     }
 }
 
-/// The x86 features the embedded engine's llama.cpp was compiled with, as
-/// `llama-cpp-sys-2` derives them from the Rust target features. The peer
-/// is built for the same instruction set so the comparison is of engines,
-/// not of compiler flags.
-fn isa() -> (&'static str, Vec<(&'static str, bool)>) {
-    let flags = vec![
-        ("GGML_SSE42", cfg!(target_feature = "sse4.2")),
-        ("GGML_AVX", cfg!(target_feature = "avx")),
-        ("GGML_AVX2", cfg!(target_feature = "avx2")),
-        ("GGML_BMI2", cfg!(target_feature = "bmi2")),
-        ("GGML_FMA", cfg!(target_feature = "fma")),
-        ("GGML_F16C", cfg!(target_feature = "f16c")),
-        ("GGML_AVX512", cfg!(target_feature = "avx512f")),
-        ("GGML_AVX512_VBMI", cfg!(target_feature = "avx512vbmi")),
-        ("GGML_AVX512_VNNI", cfg!(target_feature = "avx512vnni")),
-        ("GGML_AVX_VNNI", cfg!(target_feature = "avxvnni")),
-    ];
-    let tag = if flags.iter().any(|(_, on)| *on) {
-        "features"
-    } else {
-        "generic"
-    };
-    (tag, flags)
+/// The instruction set the embedded engine's llama.cpp is compiled for, so
+/// the peer can be built the same way and the comparison is of engines,
+/// not of compiler flags. `llama-cpp-sys-2` configures ggml with
+/// `GGML_NATIVE=OFF` and ggml then enables its non-native defaults (SSE4.2,
+/// AVX, AVX2, BMI2, FMA, F16C; no AVX-512). A Rust build with
+/// `-C target-cpu=native` makes it build natively instead, which shows here
+/// as AVX-512 target features. Returns a tag for the build dir and the
+/// cmake definitions.
+fn isa() -> (&'static str, Vec<(&'static str, &'static str)>) {
+    let native = cfg!(target_feature = "avx512f")
+        || cfg!(target_feature = "avx512vnni")
+        || cfg!(target_feature = "avxvnni");
+    if native {
+        return ("native", vec![("GGML_NATIVE", "ON")]);
+    }
+    let mut flags = vec![("GGML_NATIVE", "OFF")];
+    for f in [
+        "GGML_SSE42",
+        "GGML_AVX",
+        "GGML_AVX2",
+        "GGML_BMI2",
+        "GGML_FMA",
+        "GGML_F16C",
+    ] {
+        flags.push((f, "ON"));
+    }
+    for f in [
+        "GGML_AVX512",
+        "GGML_AVX512_VBMI",
+        "GGML_AVX512_VNNI",
+        "GGML_AVX512_BF16",
+        "GGML_AVX_VNNI",
+    ] {
+        flags.push((f, "OFF"));
+    }
+    ("x86-64-v3", flags)
 }
 
 /// Description of the instruction set both engines use.
 pub fn isa_description() -> String {
-    let (tag, flags) = isa();
-    if tag == "generic" {
-        "baseline x86-64 (no AVX: the Rust build's default target features)".into()
-    } else {
-        let on: Vec<&str> = flags
-            .iter()
-            .filter(|(_, on)| *on)
-            .map(|(f, _)| f.trim_start_matches("GGML_"))
-            .collect();
-        on.join("+")
+    match isa().0 {
+        "native" => "native (-C target-cpu=native)".into(),
+        _ => "ggml non-native default: SSE4.2+AVX+AVX2+BMI2+FMA+F16C, no AVX-512".into(),
     }
 }
 
@@ -274,10 +280,9 @@ impl LlamaServer {
             "-DLLAMA_USE_PREBUILT_UI=OFF",
             "-DLLAMA_OPENSSL=OFF",
             "-DGGML_OPENMP=ON",
-            "-DGGML_NATIVE=OFF",
         ]);
-        for (flag, on) in flags {
-            configure.arg(format!("-D{flag}={}", if on { "ON" } else { "OFF" }));
+        for (flag, value) in flags {
+            configure.arg(format!("-D{flag}={value}"));
         }
         progress(&format!(
             "configuring llama-server ({}) in {}",
@@ -363,10 +368,10 @@ impl LlamaCppPython {
             .await?;
         }
         let (_, flags) = isa();
-        let mut cmake_args = vec!["-DGGML_NATIVE=OFF".to_string()];
-        for (flag, on) in flags {
-            cmake_args.push(format!("-D{flag}={}", if on { "ON" } else { "OFF" }));
-        }
+        let cmake_args: Vec<String> = flags
+            .iter()
+            .map(|(flag, value)| format!("-D{flag}={value}"))
+            .collect();
         run_logged(
             Command::new(self.venv.join("bin").join("pip"))
                 .args([
