@@ -14,6 +14,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use futures_util::StreamExt;
@@ -143,7 +144,7 @@ pub async fn start(
         tasks.spawn(async move { agent.run(stop).await }.instrument(tracing::info_span!("agent")));
     }
     let handle = tokio::spawn(async move {
-        let result = axum::serve(listener, app)
+        let result = axum::serve(listener.tap_io(set_nodelay), app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
             .map_err(|e| MinerError::Io(format!("server: {e}")));
@@ -373,5 +374,12 @@ impl Agent {
             StatusCode::NOT_FOUND => Ok(false),
             s => Err(format!("heartbeat refused: {s}")),
         }
+    }
+}
+
+/// Token-sized writes must not wait for Nagle's algorithm.
+fn set_nodelay(stream: &mut tokio::net::TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::trace!(error = %e, "could not set TCP_NODELAY");
     }
 }

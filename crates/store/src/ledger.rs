@@ -137,6 +137,8 @@ pub struct LedgerCheck {
     pub fees: i64,
     pub settlements: i64,
     pub open_reservations: i64,
+    /// Accounts whose running balance differs from the sum of their entries.
+    pub mismatched_balances: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,11 +159,14 @@ fn new_id() -> String {
 
 impl Store {
     async fn sum_account(&self, account: &str) -> Result<i64> {
-        let row = sqlx::query("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS s FROM ledger_entries WHERE account = $1")
+        let row = sqlx::query("SELECT balance FROM account_balances WHERE account = $1")
             .bind(account)
-            .fetch_one(self.pool())
+            .fetch_optional(self.pool())
             .await?;
-        Ok(row.try_get("s")?)
+        Ok(match row {
+            Some(r) => r.try_get("balance")?,
+            None => 0,
+        })
     }
 
     pub async fn balance(&self, user_id: &str) -> Result<Balance> {
@@ -226,7 +231,7 @@ impl Store {
         let done = sqlx::query(
             "INSERT INTO reservations (request_id, user_id, amount, owner, state, created_ms) \
              SELECT $1, $2, $3, $4, 'open', $5 WHERE \
-             (SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE account = $6) \
+             COALESCE((SELECT balance FROM account_balances WHERE account = $6), 0) \
              - (SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE user_id = $7 AND state = 'open') >= $8",
         )
         .bind(request_id)
@@ -365,6 +370,11 @@ impl Store {
             fees: one("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS s FROM ledger_entries WHERE kind = 'fee'").await?,
             settlements: one("SELECT CAST(COUNT(*) AS BIGINT) AS s FROM settlements").await?,
             open_reservations: one("SELECT CAST(COUNT(*) AS BIGINT) AS s FROM reservations WHERE state = 'open'").await?,
+            mismatched_balances: one(
+                "SELECT CAST(COUNT(*) AS BIGINT) AS s FROM account_balances b \
+                 WHERE b.balance <> (SELECT COALESCE(SUM(e.amount), 0) FROM ledger_entries e WHERE e.account = b.account)",
+            )
+            .await?,
         })
     }
 
@@ -458,6 +468,14 @@ async fn insert_entry(
         .bind(now_ms())
         .execute(&mut **tx)
         .await?;
+    sqlx::query(
+        "INSERT INTO account_balances (account, balance) VALUES ($1, $2) \
+         ON CONFLICT (account) DO UPDATE SET balance = account_balances.balance + excluded.balance",
+    )
+    .bind(account)
+    .bind(amount)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

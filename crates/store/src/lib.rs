@@ -138,6 +138,10 @@ impl Store {
             options = options.after_connect(|conn, _| {
                 Box::pin(async move {
                     conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    // With WAL, NORMAL is safe against process crashes (a
+                    // power loss may drop the last commits); FULL would
+                    // fsync on every request's writes.
+                    conn.execute("PRAGMA synchronous = NORMAL").await?;
                     conn.execute("PRAGMA foreign_keys = ON").await?;
                     Ok(())
                 })

@@ -83,6 +83,7 @@ proptest! {
                 let check = store.ledger_check().await.unwrap();
                 prop_assert_eq!(check.total, 0);
                 prop_assert_eq!(check.unbalanced_txns, 0);
+                prop_assert_eq!(check.mismatched_balances, 0);
                 prop_assert_eq!(check.user_debits, check.miner_credits + check.fees);
                 prop_assert_eq!(check.settlements as usize, settled.len());
                 let bal = store.balance(&user).await.unwrap();

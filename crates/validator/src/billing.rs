@@ -200,13 +200,7 @@ pub async fn admit(
     if paid {
         // Worst case: one token per prompt byte (plus the template), and
         // the whole context for output when max_tokens is unset.
-        let context = state
-            .registry
-            .instances_of(&chute.model_id)
-            .iter()
-            .map(|i| i.context_length)
-            .max()
-            .unwrap_or(2048);
+        let context = state.registry.max_context(&chute.model_id).unwrap_or(2048);
         let amount = (prompt_bytes as i64 + 64) * chute.price_in_micros
             + max_tokens.unwrap_or(context) as i64 * chute.price_out_micros;
         let ok = state

@@ -23,6 +23,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use ed25519_dalek::SigningKey;
 use sluice_proto::{DEFAULT_MODEL_FILE, DEFAULT_MODEL_ID};
@@ -375,7 +376,7 @@ pub async fn start(
     let app = router(state.clone());
     let serve_state = state.clone();
     let handle = tokio::spawn(async move {
-        let result = axum::serve(listener, app)
+        let result = axum::serve(listener.tap_io(set_nodelay), app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
             .map_err(|e| ValidatorError::Io(format!("server: {e}")));
@@ -391,4 +392,11 @@ pub async fn start(
         state,
         handle,
     })
+}
+
+/// Token-sized writes must not wait for Nagle's algorithm.
+fn set_nodelay(stream: &mut tokio::net::TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::trace!(error = %e, "could not set TCP_NODELAY");
+    }
 }

@@ -241,9 +241,19 @@ pub enum AcquireError {
     Exhausted,
 }
 
+/// The routing table: instances per model (copy-on-write, so readers
+/// take an `Arc` and never hold the lock while selecting) and per miner.
+#[derive(Debug, Default)]
+struct Table {
+    models: HashMap<String, Arc<Vec<Arc<Instance>>>>,
+    by_miner: HashMap<String, Vec<Arc<Instance>>>,
+    /// Largest context window among a model's instances.
+    max_context: HashMap<String, u32>,
+}
+
 #[derive(Debug)]
 pub struct Registry {
-    instances: RwLock<HashMap<String, Vec<Arc<Instance>>>>,
+    table: RwLock<Table>,
     gates: RwLock<HashMap<String, Arc<ChuteGate>>>,
     heartbeat_timeout_ms: i64,
     max_queue: usize,
@@ -258,13 +268,23 @@ enum PickMiss {
     Busy,
 }
 
+/// Random pairs sampled before falling back to a full scan.
+const SAMPLED_PAIRS: usize = 32;
+
 impl Registry {
     pub fn new(heartbeat_timeout: Duration, max_queue: usize) -> Self {
         Registry {
-            instances: RwLock::new(HashMap::new()),
+            table: RwLock::new(Table::default()),
             gates: RwLock::new(HashMap::new()),
             heartbeat_timeout_ms: heartbeat_timeout.as_millis() as i64,
             max_queue,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        match self.table.read() {
+            Ok(t) => t,
+            Err(p) => p.into_inner(),
         }
     }
 
@@ -286,23 +306,34 @@ impl Registry {
     pub fn replace_miner(&self, miner_key: &str, new: Vec<Arc<Instance>>) {
         let mut models: Vec<String> = new.iter().map(|i| i.model.clone()).collect();
         {
-            let mut map = match self.instances.write() {
-                Ok(m) => m,
+            let mut table = match self.table.write() {
+                Ok(t) => t,
                 Err(p) => p.into_inner(),
             };
-            for (model, list) in map.iter_mut() {
-                let before = list.len();
-                list.retain(|i| i.miner_key != miner_key);
-                if list.len() != before {
-                    models.push(model.clone());
-                }
+            let old = table.by_miner.remove(miner_key).unwrap_or_default();
+            models.extend(old.iter().map(|i| i.model.clone()));
+            models.sort();
+            models.dedup();
+            for model in &models {
+                let mut list: Vec<Arc<Instance>> = table
+                    .models
+                    .get(model)
+                    .map(|l| {
+                        l.iter()
+                            .filter(|i| i.miner_key != miner_key)
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                list.extend(new.iter().filter(|i| &i.model == model).cloned());
+                let ctx = list.iter().map(|i| i.context_length).max().unwrap_or(0);
+                table.max_context.insert(model.clone(), ctx);
+                table.models.insert(model.clone(), Arc::new(list));
             }
-            for inst in new {
-                map.entry(inst.model.clone()).or_default().push(inst);
+            if !new.is_empty() {
+                table.by_miner.insert(miner_key.to_string(), new);
             }
         }
-        models.sort();
-        models.dedup();
         for m in models {
             self.dispatch(&m);
         }
@@ -310,8 +341,14 @@ impl Registry {
 
     /// Records a heartbeat; false when the miner has no instances here.
     pub fn heartbeat(&self, miner_key: &str) -> bool {
-        let mut models = Vec::new();
-        for inst in self.all().iter().filter(|i| i.miner_key == miner_key) {
+        let mine = self
+            .read()
+            .by_miner
+            .get(miner_key)
+            .cloned()
+            .unwrap_or_default();
+        let mut models: Vec<String> = Vec::new();
+        for inst in &mine {
             inst.heartbeat();
             models.push(inst.model.clone());
         }
@@ -319,33 +356,35 @@ impl Registry {
         for m in &models {
             self.dispatch(m);
         }
-        !models.is_empty()
+        !mine.is_empty()
     }
 
     /// Every instance of every model.
     pub fn all(&self) -> Vec<Arc<Instance>> {
-        let map = match self.instances.read() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        map.values().flatten().cloned().collect()
+        self.read()
+            .models
+            .values()
+            .flat_map(|l| l.iter().cloned())
+            .collect()
     }
 
     /// Routable instances per model (for metrics and the status page).
     pub fn routable_counts(&self) -> Vec<(String, usize)> {
         let now = now_ms();
-        let map = match self.instances.read() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        map.iter()
+        let models: Vec<(String, Arc<Vec<Arc<Instance>>>)> = self
+            .read()
+            .models
+            .iter()
+            .map(|(m, l)| (m.clone(), l.clone()))
+            .collect();
+        models
+            .into_iter()
             .map(|(m, l)| {
-                (
-                    m.clone(),
-                    l.iter()
-                        .filter(|i| i.routable(now, self.heartbeat_timeout_ms))
-                        .count(),
-                )
+                let n = l
+                    .iter()
+                    .filter(|i| i.routable(now, self.heartbeat_timeout_ms))
+                    .count();
+                (m, n)
             })
             .collect()
     }
@@ -365,20 +404,68 @@ impl Registry {
         }
     }
 
-    pub fn instances_of(&self, model: &str) -> Vec<Arc<Instance>> {
-        match self.instances.read() {
-            Ok(m) => m.get(model).cloned().unwrap_or_default(),
-            Err(p) => p.into_inner().get(model).cloned().unwrap_or_default(),
-        }
+    /// The largest context window any instance of `model` offers.
+    pub fn max_context(&self, model: &str) -> Option<u32> {
+        self.read()
+            .max_context
+            .get(model)
+            .copied()
+            .filter(|c| *c > 0)
     }
 
-    /// Picks and reserves an instance now, if one is free.
+    /// The instances of a model (a shared snapshot: O(1)).
+    pub fn instances_of(&self, model: &str) -> Arc<Vec<Arc<Instance>>> {
+        self.read().models.get(model).cloned().unwrap_or_default()
+    }
+
+    /// Whether `i` could take a request now (before reserving).
+    fn free_for(&self, i: &Instance, now: i64, exclude: &[String]) -> bool {
+        i.healthy(now, self.heartbeat_timeout_ms)
+            && i.outstanding() < i.capacity
+            && i.breaker.admits(now)
+            && !exclude.contains(&i.id)
+    }
+
+    fn reserve(i: &Arc<Instance>, now: i64) -> bool {
+        if i.try_reserve() {
+            if i.breaker.claim(now) {
+                return true;
+            }
+            i.unreserve();
+        }
+        false
+    }
+
+    /// Picks and reserves an instance now, if one is free. Power of two
+    /// choices by sampling random pairs (constant time however many
+    /// instances there are); a full scan only when sampling keeps missing.
     fn try_pick(&self, model: &str, exclude: &[String]) -> Result<Arc<Instance>, PickMiss> {
         let now = now_ms();
         let instances = self.instances_of(model);
-        let mut free: Vec<&Arc<Instance>> = Vec::with_capacity(instances.len().min(64));
+        let n = instances.len();
+        let mut rng = rand::thread_rng();
+        if n > 2 * SAMPLED_PAIRS {
+            for _ in 0..SAMPLED_PAIRS {
+                let a = &instances[rng.gen_range(0..n)];
+                let b = &instances[rng.gen_range(0..n)];
+                let (fa, fb) = (
+                    self.free_for(a, now, exclude),
+                    self.free_for(b, now, exclude),
+                );
+                let pick = match (fa, fb) {
+                    (true, true) if b.cost() < a.cost() => b,
+                    (true, _) => a,
+                    (false, true) => b,
+                    (false, false) => continue,
+                };
+                if Self::reserve(pick, now) {
+                    return Ok(pick.clone());
+                }
+            }
+        }
+        let mut free: Vec<&Arc<Instance>> = Vec::with_capacity(n.min(64));
         let mut eligible = false;
-        for i in &instances {
+        for i in instances.iter() {
             if !i.healthy(now, self.heartbeat_timeout_ms) || exclude.contains(&i.id) {
                 continue;
             }
@@ -390,7 +477,6 @@ impl Registry {
         if !eligible {
             return Err(PickMiss::NoneEligible);
         }
-        let mut rng = rand::thread_rng();
         while !free.is_empty() {
             let n = free.len();
             let idx = if n == 1 {
@@ -408,11 +494,8 @@ impl Registry {
                 }
             };
             let pick = free[idx];
-            if pick.try_reserve() {
-                if pick.breaker.claim(now) {
-                    return Ok(pick.clone());
-                }
-                pick.unreserve();
+            if Self::reserve(pick, now) {
+                return Ok(pick.clone());
             }
             free.swap_remove(idx);
         }
@@ -818,11 +901,53 @@ mod props {
                 for _ in 0..total {
                     leases.push(r.acquire("m", Instant::now(), &[], 0).await.unwrap());
                 }
-                for inst in r.instances_of("m") {
+                for inst in r.instances_of("m").iter() {
                     prop_assert!(inst.outstanding() <= 2 * per, "{} has {} of {}", inst.id, inst.outstanding(), total);
                 }
                 Ok(())
             })?;
         }
+    }
+}
+
+#[cfg(test)]
+mod sampling {
+    use super::*;
+
+    /// The sampling path (many instances) keeps the same guarantees.
+    #[tokio::test]
+    async fn large_tables_never_pick_open_full_or_excluded() {
+        let r = Arc::new(Registry::new(Duration::from_secs(10), 1000));
+        let mut usable = 0;
+        let mut exclude = Vec::new();
+        for i in 0..300 {
+            let inst = Arc::new(Instance::new(
+                format!("i{i}"),
+                &format!("k{i}"),
+                "http://x",
+                "m",
+                2,
+                2048,
+            ));
+            match i % 3 {
+                0 => {
+                    for _ in 0..3 {
+                        inst.breaker.on_failure(now_ms());
+                    }
+                }
+                1 if i % 7 == 0 => exclude.push(inst.id.clone()),
+                _ => usable += 2,
+            }
+            r.replace_miner(&format!("k{i}"), vec![inst]);
+        }
+        let mut leases = Vec::new();
+        while let Ok(l) = r.acquire("m", Instant::now(), &exclude, 0).await {
+            let i: usize = l.instance.id[1..].parse().unwrap();
+            assert_ne!(i % 3, 0, "picked an open breaker");
+            assert!(!exclude.contains(&l.instance.id));
+            assert!(l.instance.outstanding() <= 2);
+            leases.push(l);
+        }
+        assert_eq!(leases.len(), usable);
     }
 }
