@@ -204,6 +204,13 @@ pub fn decide(entries: &[(i64, u64)], tokens: u64, limits: WindowLimits, now: i6
             }
         }
     }
+    // The newest entry leaves the window last.
+    let full_reset = if exceeded.is_none() {
+        WINDOW_MS
+    } else {
+        live.last()
+            .map_or(0, |(ts, _)| (ts + WINDOW_MS - now).max(0))
+    };
     let (count_after, used_after) = if exceeded.is_none() {
         (count + 1, used + tokens)
     } else {
@@ -213,14 +220,20 @@ pub fn decide(entries: &[(i64, u64)], tokens: u64, limits: WindowLimits, now: i6
         exceeded,
         requests_limit: limits.rpm,
         requests_remaining: limits.rpm.saturating_sub(count_after),
+        // Over a limit: until the next request fits. Otherwise, as OpenAI
+        // reports it: until the window is back to its initial state.
         requests_reset_ms: if count_after >= limits.rpm {
             oldest_reset.max(1)
         } else {
-            0
+            full_reset
         },
         tokens_limit: limits.tpm,
         tokens_remaining: limits.tpm.saturating_sub(used_after),
-        tokens_reset_ms: tokens_reset,
+        tokens_reset_ms: if exceeded == Some(Exceeded::Tokens) {
+            tokens_reset
+        } else {
+            full_reset
+        },
     }
 }
 
@@ -304,6 +317,10 @@ mod tests {
                 .unwrap();
             assert_eq!(s.exceeded, None);
             assert_eq!(s.requests_remaining, 2 - i as u64);
+            assert_eq!(
+                s.requests_reset_ms, 60_000,
+                "until the window is empty again"
+            );
         }
         let s = l.admit("k", "r3", 10, L, 2_000).await.unwrap();
         assert_eq!(s.exceeded, Some(Exceeded::Requests));
