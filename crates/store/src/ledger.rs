@@ -201,12 +201,15 @@ impl Store {
         }
         let txn = format!("topup-{}", new_id());
         let mut tx = self.pool().begin().await?;
-        for (account, amt) in [
-            (user_account(user_id), amount),
-            (FUNDING_ACCOUNT.to_string(), -amount),
-        ] {
-            insert_entry(&mut tx, &txn, &account, amt, "topup").await?;
-        }
+        write_entries(
+            &mut tx,
+            &txn,
+            vec![
+                (user_account(user_id), amount, "topup"),
+                (FUNDING_ACCOUNT.to_string(), -amount, "topup"),
+            ],
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -220,31 +223,35 @@ impl Store {
         amount: i64,
         owner: &str,
     ) -> Result<bool> {
-        let mut tx = self.pool().begin().await?;
-        if self.backend() == Backend::Postgres {
+        const SQL: &str = "INSERT INTO reservations (request_id, user_id, amount, owner, state, created_ms) \
+             SELECT $1, $2, $3, $4, 'open', $5 WHERE \
+             COALESCE((SELECT balance FROM account_balances WHERE account = $6), 0) \
+             - (SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE user_id = $7 AND state = 'open') >= $8";
+        let query = || {
+            sqlx::query(SQL)
+                .bind(request_id.to_string())
+                .bind(user_id.to_string())
+                .bind(amount)
+                .bind(owner.to_string())
+                .bind(now_ms())
+                .bind(user_account(user_id))
+                .bind(user_id.to_string())
+                .bind(amount)
+        };
+        let done = if self.backend() == Backend::Postgres {
             // Serialise reservations of one user across replicas.
+            let mut tx = self.pool().begin().await?;
             sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
                 .bind(user_id)
                 .fetch_optional(&mut *tx)
                 .await?;
-        }
-        let done = sqlx::query(
-            "INSERT INTO reservations (request_id, user_id, amount, owner, state, created_ms) \
-             SELECT $1, $2, $3, $4, 'open', $5 WHERE \
-             COALESCE((SELECT balance FROM account_balances WHERE account = $6), 0) \
-             - (SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE user_id = $7 AND state = 'open') >= $8",
-        )
-        .bind(request_id)
-        .bind(user_id)
-        .bind(amount)
-        .bind(owner)
-        .bind(now_ms())
-        .bind(user_account(user_id))
-        .bind(user_id)
-        .bind(amount)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+            let done = query().execute(&mut *tx).await?;
+            tx.commit().await?;
+            done
+        } else {
+            // One statement is atomic in SQLite (writers are serialised).
+            query().execute(self.pool()).await?
+        };
         Ok(done.rows_affected() == 1)
     }
 
@@ -252,52 +259,66 @@ impl Store {
     /// row and the reservation close in one transaction. Returns false if
     /// the request was already settled (nothing is written again).
     pub async fn settle(&self, s: &Settlement) -> Result<bool> {
-        let credited: i64 = s.credits.iter().map(|(_, c)| *c).sum();
-        if credited + s.fee != s.cost || s.cost < 0 || s.fee < 0 {
-            return Err(StoreError::Invalid(format!(
-                "unbalanced settlement for {}: cost {} != credits {credited} + fee {}",
-                s.request_id, s.cost, s.fee
-            )));
+        self.settle_and_record(Some(s), None).await
+    }
+
+    /// Settles (when `settlement` is given) and writes the request's
+    /// metadata row in one transaction: one commit per request. Returns
+    /// whether a settlement was newly written.
+    pub async fn settle_and_record(
+        &self,
+        settlement: Option<&Settlement>,
+        record: Option<&crate::RequestRecord>,
+    ) -> Result<bool> {
+        if let Some(s) = settlement {
+            let credited: i64 = s.credits.iter().map(|(_, c)| *c).sum();
+            if credited + s.fee != s.cost || s.cost < 0 || s.fee < 0 {
+                return Err(StoreError::Invalid(format!(
+                    "unbalanced settlement for {}: cost {} != credits {credited} + fee {}",
+                    s.request_id, s.cost, s.fee
+                )));
+            }
         }
         let mut tx = self.pool().begin().await?;
-        let first = sqlx::query(
-            "INSERT INTO settlements (request_id, user_id, cost, created_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING",
-        )
-        .bind(&s.request_id)
-        .bind(&s.user_id)
-        .bind(s.cost)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        if first.rows_affected() == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        let txn = format!("req-{}", s.request_id);
-        if s.cost > 0 {
-            let payer = if s.user_pays {
-                user_account(&s.user_id)
-            } else {
-                FREE_TIER_ACCOUNT.to_string()
-            };
-            insert_entry(&mut tx, &txn, &payer, -s.cost, "usage").await?;
-            for (miner, credit) in &s.credits {
-                if *credit != 0 {
-                    insert_entry(&mut tx, &txn, &miner_account(miner), *credit, "serving").await?;
+        let mut settled = false;
+        if let Some(s) = settlement {
+            let first = sqlx::query(
+                "INSERT INTO settlements (request_id, user_id, cost, created_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING",
+            )
+            .bind(&s.request_id)
+            .bind(&s.user_id)
+            .bind(s.cost)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+            if first.rows_affected() == 1 {
+                settled = true;
+                if s.cost > 0 {
+                    let payer = if s.user_pays {
+                        user_account(&s.user_id)
+                    } else {
+                        FREE_TIER_ACCOUNT.to_string()
+                    };
+                    let mut entries = vec![(payer, -s.cost, "usage")];
+                    for (miner, credit) in &s.credits {
+                        entries.push((miner_account(miner), *credit, "serving"));
+                    }
+                    entries.push((FEES_ACCOUNT.to_string(), s.fee, "fee"));
+                    write_entries(&mut tx, &format!("req-{}", s.request_id), entries).await?;
                 }
-            }
-            if s.fee != 0 {
-                insert_entry(&mut tx, &txn, FEES_ACCOUNT, s.fee, "fee").await?;
+                sqlx::query(
+                    "UPDATE reservations SET state = 'settled' WHERE request_id = $1 AND state = 'open'",
+                )
+                .bind(&s.request_id)
+                .execute(&mut *tx)
+                .await?;
             }
         }
-        sqlx::query(
-            "UPDATE reservations SET state = 'settled' WHERE request_id = $1 AND state = 'open'",
-        )
-        .bind(&s.request_id)
-        .execute(&mut *tx)
-        .await?;
+        if let Some(r) = record {
+            crate::insert_request(&mut tx, r).await?;
+        }
         tx.commit().await?;
-        Ok(true)
+        Ok(settled)
     }
 
     /// Releases a reservation without charging (the request failed).
@@ -452,30 +473,80 @@ impl Store {
     }
 }
 
-async fn insert_entry(
+/// Appends one transaction's entries and moves the running balances, in
+/// two statements whatever the number of entries. Entries with the same
+/// account and kind are merged; zero amounts are skipped.
+async fn write_entries(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     txn: &str,
-    account: &str,
-    amount: i64,
-    kind: &str,
+    entries: Vec<(String, i64, &'static str)>,
 ) -> Result<()> {
-    sqlx::query("INSERT INTO ledger_entries (id, txn, account, amount, kind, created_ms) VALUES ($1, $2, $3, $4, $5, $6)")
-        .bind(new_id())
-        .bind(txn)
-        .bind(account)
-        .bind(amount)
-        .bind(kind)
-        .bind(now_ms())
-        .execute(&mut **tx)
-        .await?;
-    sqlx::query(
-        "INSERT INTO account_balances (account, balance) VALUES ($1, $2) \
+    let mut merged: Vec<(String, i64, &'static str)> = Vec::new();
+    for (account, amount, kind) in entries {
+        match merged
+            .iter_mut()
+            .find(|(a, _, k)| *a == account && *k == kind)
+        {
+            Some(e) => e.1 += amount,
+            None => merged.push((account, amount, kind)),
+        }
+    }
+    merged.retain(|(_, amount, _)| *amount != 0);
+    if merged.is_empty() {
+        return Ok(());
+    }
+    let now = now_ms();
+    let rows: Vec<String> = (0..merged.len())
+        .map(|i| {
+            let b = i * 6;
+            format!(
+                "(${}, ${}, ${}, ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6
+            )
+        })
+        .collect();
+    let sql = format!(
+        "INSERT INTO ledger_entries (id, txn, account, amount, kind, created_ms) VALUES {}",
+        rows.join(", ")
+    );
+    let mut q = sqlx::query(&sql);
+    for (account, amount, kind) in &merged {
+        q = q
+            .bind(new_id())
+            .bind(txn.to_string())
+            .bind(account.clone())
+            .bind(*amount)
+            .bind(kind.to_string())
+            .bind(now);
+    }
+    q.execute(&mut **tx).await?;
+    // One balance row per account (PostgreSQL refuses to update a row twice
+    // in one statement).
+    let mut per_account: Vec<(String, i64)> = Vec::new();
+    for (account, amount, _) in &merged {
+        match per_account.iter_mut().find(|(a, _)| a == account) {
+            Some(e) => e.1 += amount,
+            None => per_account.push((account.clone(), *amount)),
+        }
+    }
+    let rows: Vec<String> = (0..per_account.len())
+        .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+        .collect();
+    let sql = format!(
+        "INSERT INTO account_balances (account, balance) VALUES {} \
          ON CONFLICT (account) DO UPDATE SET balance = account_balances.balance + excluded.balance",
-    )
-    .bind(account)
-    .bind(amount)
-    .execute(&mut **tx)
-    .await?;
+        rows.join(", ")
+    );
+    let mut q = sqlx::query(&sql);
+    for (account, amount) in per_account {
+        q = q.bind(account).bind(amount);
+    }
+    q.execute(&mut **tx).await?;
     Ok(())
 }
 

@@ -316,31 +316,8 @@ impl Store {
     // ---- requests ----
 
     pub async fn record_request(&self, r: &RequestRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO requests (id, user_id, key_id, model, kind, stream, miner_key, status, http_status, \
-             prompt_tokens, completion_tokens, attempts, queue_ms, ttft_ms, latency_ms, created_ms, cost) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
-        )
-        .bind(&r.id)
-        .bind(&r.user_id)
-        .bind(&r.key_id)
-        .bind(&r.model)
-        .bind(&r.kind)
-        .bind(i64::from(r.stream))
-        .bind(r.miner_key.clone())
-        .bind(&r.status)
-        .bind(r.http_status)
-        .bind(r.prompt_tokens)
-        .bind(r.completion_tokens)
-        .bind(r.attempts)
-        .bind(r.queue_ms)
-        .bind(r.ttft_ms)
-        .bind(r.latency_ms)
-        .bind(r.created_ms)
-        .bind(r.cost)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let mut conn = self.pool.acquire().await?;
+        insert_request(&mut conn, r).await
     }
 
     pub async fn count_requests(&self, user_id: &str) -> Result<i64> {
@@ -350,6 +327,38 @@ impl Store {
             .await?;
         Ok(row.try_get("n")?)
     }
+}
+
+/// Inserts a request's metadata row (on a connection or in a transaction).
+pub(crate) async fn insert_request(
+    conn: &mut sqlx::AnyConnection,
+    r: &RequestRecord,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO requests (id, user_id, key_id, model, kind, stream, miner_key, status, http_status, \
+         prompt_tokens, completion_tokens, attempts, queue_ms, ttft_ms, latency_ms, created_ms, cost) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+    )
+    .bind(&r.id)
+    .bind(&r.user_id)
+    .bind(&r.key_id)
+    .bind(&r.model)
+    .bind(&r.kind)
+    .bind(i64::from(r.stream))
+    .bind(r.miner_key.clone())
+    .bind(&r.status)
+    .bind(r.http_status)
+    .bind(r.prompt_tokens)
+    .bind(r.completion_tokens)
+    .bind(r.attempts)
+    .bind(r.queue_ms)
+    .bind(r.ttft_ms)
+    .bind(r.latency_ms)
+    .bind(r.created_ms)
+    .bind(r.cost)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 const KEY_SELECT: &str = "SELECT k.id, k.user_id, k.name, k.secret_hash, k.revoked_ms, u.tier \

@@ -710,7 +710,8 @@ pub async fn settle(state: &AppState, base: RecordBase, trace: &Trace) {
             );
         }
     }
-    let cost = crate::billing::finish(state, &base.caller, &base.id, &base.admitted, trace).await;
+    let (cost, settlement) =
+        crate::billing::finish(state, &base.caller, &base.id, &base.admitted, trace).await;
     let http_status = match trace.status {
         "ok" | "cancelled" => 200,
         "no_capacity" => 503,
@@ -736,8 +737,24 @@ pub async fn settle(state: &AppState, base: RecordBase, trace: &Trace) {
         created_ms: base.created_ms,
         cost,
     };
-    if let Err(e) = state.store.record_request(&record).await {
-        tracing::error!(error = %e, "could not record request metadata");
+    match state
+        .store
+        .settle_and_record(settlement.as_ref(), Some(&record))
+        .await
+    {
+        Ok(settled) => {
+            if settlement.is_some() && !settled {
+                tracing::warn!("request was already settled; not charging again");
+            }
+        }
+        Err(e) => {
+            // The reservation stays open and is released on recovery: the
+            // request is not charged, never charged twice.
+            tracing::error!(error = %e, "could not settle and record the request");
+            if let Err(e) = state.store.record_request(&record).await {
+                tracing::error!(error = %e, "could not record request metadata");
+            }
+        }
     }
     tracing::info!(
         status = trace.status,

@@ -242,14 +242,16 @@ async fn give_back(state: &AppState, caller: &Caller, request_id: &str, admitted
     }
 }
 
-/// Settles a finished request; returns its cost in pico-dollars.
+/// Closes a finished request's admission and works out what it owes:
+/// its cost in pico-dollars and the settlement to write (with the request
+/// row, in one transaction) when it was served.
 pub async fn finish(
     state: &AppState,
     caller: &Caller,
     request_id: &str,
     admitted: &Admitted,
     trace: &Trace,
-) -> i64 {
+) -> (i64, Option<Settlement>) {
     let served = matches!(trace.status, "ok" | "cancelled")
         && (trace.prompt_tokens > 0 || trace.completion_tokens > 0);
     if !served {
@@ -259,7 +261,7 @@ pub async fn finish(
             }
         }
         give_back(state, caller, request_id, admitted).await;
-        return 0;
+        return (0, None);
     }
     let cost = trace.prompt_tokens as i64 * admitted.price_in
         + trace.completion_tokens as i64 * admitted.price_out;
@@ -293,13 +295,6 @@ pub async fn finish(
         credits,
         fee: cost - credited,
     };
-    match state.store.settle(&settlement).await {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!("request was already settled; not charging again"),
-        Err(e) => {
-            tracing::error!(error = %e, "settlement failed; the reservation will be released on recovery")
-        }
-    }
     if admitted.window_recorded {
         let actual = (trace.prompt_tokens + trace.completion_tokens) as u64;
         if let Err(e) = state
@@ -310,5 +305,5 @@ pub async fn finish(
             tracing::warn!(error = %e, "could not update the token window");
         }
     }
-    cost
+    (cost, Some(settlement))
 }

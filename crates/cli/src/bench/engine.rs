@@ -259,8 +259,11 @@ async fn start_llama_server(
     .await?;
     Ok(Contender::Http {
         base,
+        // A fresh loopback connection per request: the server closes idle
+        // keep-alive connections, and a pooled one can die mid-send.
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(600))
+            .pool_max_idle_per_host(0)
             .build()?,
         extra: serde_json::json!({"cache_prompt": false}),
         _proc: Box::new(proc),
@@ -312,8 +315,11 @@ async fn start_llama_cpp_python(
     .await?;
     Ok(Contender::Http {
         base,
+        // A fresh loopback connection per request: the server closes idle
+        // keep-alive connections, and a pooled one can die mid-send.
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(600))
+            .pool_max_idle_per_host(0)
             .build()?,
         extra: serde_json::json!({}),
         _proc: Box::new(proc),
@@ -389,8 +395,11 @@ pub async fn run(args: EngineArgs) -> Result<()> {
     }
 
     // Warm-up (page in the weights, first-use allocations); a server that
-    // has just said it is healthy gets a couple of retries.
-    for (name, c) in &contenders {
+    // has just said it is healthy gets a couple of retries. A peer that
+    // fails here or later is reported as `na` with its reason; only a
+    // failure of our own engine fails the command.
+    let mut dead = vec![false; contenders.len()];
+    for (i, (name, c)) in contenders.iter().enumerate() {
         let mut tries = 0;
         loop {
             tries += 1;
@@ -400,7 +409,12 @@ pub async fn run(args: EngineArgs) -> Result<()> {
                     progress(&format!("{name}: warm-up failed, retrying: {e:#}"));
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                Err(e) => return Err(e.context(format!("{name}: warm-up"))),
+                Err(e) if *name == "sluice" => return Err(e.context(format!("{name}: warm-up"))),
+                Err(e) => {
+                    notes.push(format!("{name}: na (warm-up failed: {e:#})"));
+                    dead[i] = true;
+                    break;
+                }
             }
         }
     }
@@ -408,10 +422,32 @@ pub async fn run(args: EngineArgs) -> Result<()> {
     let mut multi: Vec<Vec<Step>> = vec![Vec::new(); contenders.len()];
     for run in 0..runs {
         for (i, (name, c)) in contenders.iter().enumerate() {
+            if dead[i] {
+                continue;
+            }
             progress(&format!("run {}/{runs}: {name}, 1 stream", run + 1));
-            single[i].push(c.batch(1, max_tokens).await?);
-            progress(&format!("run {}/{runs}: {name}, {SLOTS} streams", run + 1));
-            multi[i].push(c.batch(SLOTS as usize, max_tokens).await?);
+            let both = match c.batch(1, max_tokens).await {
+                Ok(step1) => {
+                    progress(&format!("run {}/{runs}: {name}, {SLOTS} streams", run + 1));
+                    c.batch(SLOTS as usize, max_tokens)
+                        .await
+                        .map(|step8| (step1, step8))
+                }
+                Err(e) => Err(e),
+            };
+            match both {
+                Ok((step1, step8)) => {
+                    single[i].push(step1);
+                    multi[i].push(step8);
+                }
+                Err(e) if *name == "sluice" => return Err(e),
+                Err(e) => {
+                    notes.push(format!("{name}: na (failed during run {}: {e:#})", run + 1));
+                    dead[i] = true;
+                    single[i].clear();
+                    multi[i].clear();
+                }
+            }
         }
     }
     let med = |v: &[Step], f: fn(&Step) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
