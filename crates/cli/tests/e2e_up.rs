@@ -258,6 +258,13 @@ async fn up_serves_the_openai_api_with_the_real_model() {
     )));
     assert!(metrics.contains("sluice_time_to_first_token_seconds_count"));
     assert!(metrics.contains("sluice_generated_tokens_total"));
+    let status = client().get(format!("{base}/status")).send().await.unwrap();
+    assert_eq!(status.headers()["content-type"], "text/html; charset=utf-8");
+    let page = status.text().await.unwrap();
+    assert!(
+        page.contains(&format!("<td>{MODEL}</td><td>2 / 2</td>")),
+        "{page}"
+    );
 
     // The official openai SDK, when available.
     openai_sdk(&base, &key).await;

@@ -320,6 +320,35 @@ impl Store {
         insert_request(&mut conn, r).await
     }
 
+    /// Outcomes of the most recent requests since `since_ms` (newest first,
+    /// at most `limit`), for the status page: (model, status, latency ms,
+    /// time to first token ms, completion tokens).
+    pub async fn recent_outcomes(
+        &self,
+        since_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<(String, String, i64, Option<i64>, i64)>> {
+        let rows = sqlx::query(
+            "SELECT model, status, latency_ms, ttft_ms, completion_tokens FROM requests \
+             WHERE created_ms >= $1 ORDER BY created_ms DESC LIMIT $2",
+        )
+        .bind(since_ms)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("model")?,
+                    r.try_get("status")?,
+                    r.try_get("latency_ms")?,
+                    r.try_get("ttft_ms")?,
+                    r.try_get("completion_tokens")?,
+                ))
+            })
+            .collect()
+    }
+
     pub async fn count_requests(&self, user_id: &str) -> Result<i64> {
         let row = sqlx::query("SELECT COUNT(*) AS n FROM requests WHERE user_id = $1")
             .bind(user_id)

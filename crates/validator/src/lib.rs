@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod miners_api;
 pub mod registry;
 pub mod retry;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -209,6 +210,7 @@ pub fn router(state: AppState) -> Router {
         .route("/miner/v1/register", post(miners_api::register))
         .route("/miner/v1/heartbeat", post(miners_api::heartbeat))
         .route("/health", get(health))
+        .route("/status", get(status::page))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::RouteNotFound.into_response() })
         .with_state(state)
