@@ -5,7 +5,6 @@
 pub mod config;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,38 +61,6 @@ pub struct Running {
     pub handle: tokio::task::JoinHandle<Result<(), MinerError>>,
 }
 
-/// Loads the miner's identity key from its data dir, creating it once.
-pub fn load_or_create_key(path: &Path) -> Result<SigningKey, MinerError> {
-    if path.exists() {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| MinerError::Io(format!("reading {}: {e}", path.display())))?;
-        let bytes: [u8; 32] = hex::decode(text.trim())
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| {
-                MinerError::Io(format!("{} is not a hex ed25519 key", path.display()))
-            })?;
-        return Ok(SigningKey::from_bytes(&bytes));
-    }
-    let key = SigningKey::generate(&mut rand::rngs::OsRng);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| MinerError::Io(format!("creating {}: {e}", dir.display())))?;
-    }
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    use std::io::Write;
-    opts.open(path)
-        .and_then(|mut f| f.write_all(hex::encode(key.to_bytes()).as_bytes()))
-        .map_err(|e| MinerError::Io(format!("writing {}: {e}", path.display())))?;
-    Ok(key)
-}
-
 /// Starts serving with `engine` and keeps the miner registered with the
 /// validator until `shutdown`.
 pub async fn start(
@@ -102,7 +69,8 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<Running, MinerError> {
     config.validate().map_err(MinerError::Config)?;
-    let key = load_or_create_key(&config.data_dir.join("miner.key"))?;
+    let key = sluice_proto::keyfile::load_or_create_key(&config.data_dir.join("miner.key"))
+        .map_err(MinerError::Io)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| MinerError::Bind {

@@ -3,6 +3,7 @@
 //! Runtime-free on purpose (no tokio, no HTTP stack) so every crate and
 //! every test can depend on it cheaply.
 
+pub mod keyfile;
 pub mod keys;
 pub mod miner;
 pub mod openai;

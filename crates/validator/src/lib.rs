@@ -117,48 +117,9 @@ fn load_or_create_replica_id(path: &Path) -> Result<String, ValidatorError> {
     Ok(id)
 }
 
-/// Loads the validator's signing key from the data dir, creating it once.
-pub fn load_or_create_key(path: &Path) -> Result<SigningKey, ValidatorError> {
-    if path.exists() {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ValidatorError::Io(format!("reading {}: {e}", path.display())))?;
-        let bytes: [u8; 32] = hex::decode(text.trim())
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| {
-                ValidatorError::Io(format!("{} is not a hex ed25519 key", path.display()))
-            })?;
-        return Ok(SigningKey::from_bytes(&bytes));
-    }
-    let key = SigningKey::generate(&mut rand::rngs::OsRng);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| ValidatorError::Io(format!("creating {}: {e}", dir.display())))?;
-    }
-    write_private(path, &hex::encode(key.to_bytes()))?;
-    Ok(key)
-}
-
 /// Writes a secret file readable by its owner only.
 pub fn write_private(path: &Path, contents: &str) -> Result<(), ValidatorError> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(path)
-        .map_err(|e| ValidatorError::Io(format!("writing {}: {e}", path.display())))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-    }
-    f.write_all(contents.as_bytes())
-        .map_err(|e| ValidatorError::Io(format!("writing {}: {e}", path.display())))
+    sluice_proto::keyfile::write_private(path, contents).map_err(ValidatorError::Io)
 }
 
 /// Opens the configured store: PostgreSQL when a URL is set, else the
@@ -297,7 +258,9 @@ pub async fn start(
         .map_err(|e| ValidatorError::Io(format!("creating {}: {e}", config.data_dir.display())))?;
     let store = open_store(&config).await?;
     store.ensure_chute(&default_chute()).await?;
-    let signing_key = load_or_create_key(&config.data_dir.join("validator.key"))?;
+    let signing_key =
+        sluice_proto::keyfile::load_or_create_key(&config.data_dir.join("validator.key"))
+            .map_err(ValidatorError::Io)?;
     let replica_id = load_or_create_replica_id(&config.data_dir.join("replica-id"))?;
     // Reservations this replica held when it last stopped belong to
     // requests that never finished: release them (nothing was charged).
