@@ -547,10 +547,7 @@ async fn ledger(args: StoreArgs) -> Result<()> {
     use sluice_store::ledger::format_usd;
     let store = open_store(args.data_dir, args.database_url).await?;
     let c = store.ledger_check().await?;
-    let balanced = c.total == 0
-        && c.unbalanced_txns == 0
-        && c.mismatched_balances == 0
-        && c.user_debits == c.miner_credits + c.fees;
+    let balanced = c.is_balanced();
     println!("entries:           {}", c.entries);
     println!("settled requests:  {}", c.settlements);
     println!("open reservations: {}", c.open_reservations);

@@ -141,6 +141,18 @@ pub struct LedgerCheck {
     pub mismatched_balances: i64,
 }
 
+impl LedgerCheck {
+    /// Every entry sums to zero overall and per transaction, running
+    /// balances match their entries, and usage debits equal miner credits
+    /// plus fees.
+    pub fn is_balanced(&self) -> bool {
+        self.total == 0
+            && self.unbalanced_txns == 0
+            && self.mismatched_balances == 0
+            && self.user_debits == self.miner_credits + self.fees
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRow {
     pub day: String,

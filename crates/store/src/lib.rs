@@ -348,14 +348,6 @@ impl Store {
             })
             .collect()
     }
-
-    pub async fn count_requests(&self, user_id: &str) -> Result<i64> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM requests WHERE user_id = $1")
-            .bind(user_id)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.try_get("n")?)
-    }
 }
 
 /// Inserts a request's metadata row (on a connection or in a transaction).

@@ -165,8 +165,7 @@ pub async fn ledger_check(State(state): State<AppState>, headers: HeaderMap) -> 
                 "user_debits": c.user_debits, "miner_credits": c.miner_credits, "fees": c.fees,
                 "settlements": c.settlements, "open_reservations": c.open_reservations,
                 "mismatched_balances": c.mismatched_balances,
-                "balanced": c.total == 0 && c.unbalanced_txns == 0 && c.mismatched_balances == 0
-                    && c.user_debits == c.miner_credits + c.fees,
+                "balanced": c.is_balanced(),
             }))
         }
         .await,
