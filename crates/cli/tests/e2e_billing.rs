@@ -316,6 +316,27 @@ async fn killing_the_validator_mid_stream_charges_nothing_twice() {
     );
 }
 
+/// Sends `n` one-token chats alternately to `bases`; returns how many were
+/// served. Every refusal must be a 429 with `refusal_code`.
+async fn alternate(bases: &[String], key: &str, n: usize, refusal_code: &str) -> usize {
+    let mut ok = 0;
+    for i in 0..n {
+        let (status, _, body) = post(
+            &bases[i % bases.len()],
+            "/v1/chat/completions",
+            Some(key),
+            chat(1, false),
+        )
+        .await;
+        match status {
+            200 => ok += 1,
+            429 => assert!(body.contains(refusal_code), "{body}"),
+            s => panic!("unexpected {s}: {body}"),
+        }
+    }
+    ok
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_on_postgres_and_redis_hold_limits_exactly() {
     let (Ok(db), Ok(redis)) = (
@@ -342,41 +363,11 @@ async fn replicas_on_postgres_and_redis_hold_limits_exactly() {
 
     // The free daily quota (database counter) holds exactly across replicas.
     let (free, _) = new_key(&base_a, "free", None).await;
-    let mut ok = 0;
-    for i in 0..14 {
-        let (status, _, body) = post(
-            &bases[i % 2],
-            "/v1/chat/completions",
-            Some(&free),
-            chat(1, false),
-        )
-        .await;
-        match status {
-            200 => ok += 1,
-            429 => assert!(body.contains("quota_exceeded"), "{body}"),
-            s => panic!("unexpected {s}: {body}"),
-        }
-    }
-    assert_eq!(ok, 10);
+    assert_eq!(alternate(&bases, &free, 14, "quota_exceeded").await, 10);
 
     // The per-minute window (Redis) holds exactly across replicas.
     let (paid, _) = new_key(&base_b, "paid", Some("5")).await;
-    let mut ok = 0;
-    for i in 0..10 {
-        let (status, _, body) = post(
-            &bases[i % 2],
-            "/v1/chat/completions",
-            Some(&paid),
-            chat(1, false),
-        )
-        .await;
-        match status {
-            200 => ok += 1,
-            429 => assert!(body.contains("rate_limited"), "{body}"),
-            s => panic!("unexpected {s}: {body}"),
-        }
-    }
-    assert_eq!(ok, 6);
+    assert_eq!(alternate(&bases, &paid, 10, "rate_limited").await, 6);
 
     // Revoking on one replica takes effect on the other within a second.
     let (key, _) = new_key(&base_a, "free", None).await;

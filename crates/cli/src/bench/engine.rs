@@ -5,7 +5,7 @@
 //! once (8 slots each). Prompt caching is off on the server so every
 //! request pays its prefill, as in the embedded engine.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -243,16 +243,30 @@ async fn start_llama_server(
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut proc = ChildProc::spawn(
+    http_contender(
         &server.bin(),
         &args,
-        &[],
         work.join("llama-server.log"),
-        false,
-    )?;
+        port,
+        "/health",
+        serde_json::json!({"cache_prompt": false}),
+    )
+    .await
+}
+
+/// Starts a peer server and waits until `health_path` answers.
+async fn http_contender(
+    bin: &Path,
+    args: &[String],
+    log: PathBuf,
+    port: u16,
+    health_path: &str,
+    extra: serde_json::Value,
+) -> Result<Contender> {
+    let mut proc = ChildProc::spawn(bin, args, &[], log, false)?;
     let base = format!("http://127.0.0.1:{port}");
     wait_http_ok(
-        &format!("{base}/health"),
+        &format!("{base}{health_path}"),
         Duration::from_secs(120),
         &mut proc,
     )
@@ -265,7 +279,7 @@ async fn start_llama_server(
             .timeout(Duration::from_secs(600))
             .pool_max_idle_per_host(0)
             .build()?,
-        extra: serde_json::json!({"cache_prompt": false}),
+        extra,
         _proc: Box::new(proc),
     })
 }
@@ -299,31 +313,15 @@ async fn start_llama_cpp_python(
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut proc = ChildProc::spawn(
+    http_contender(
         &peer.python(),
         &args,
-        &[],
         work.join("llama-cpp-python.log"),
-        false,
-    )?;
-    let base = format!("http://127.0.0.1:{port}");
-    wait_http_ok(
-        &format!("{base}/v1/models"),
-        Duration::from_secs(120),
-        &mut proc,
+        port,
+        "/v1/models",
+        serde_json::json!({}),
     )
-    .await?;
-    Ok(Contender::Http {
-        base,
-        // A fresh loopback connection per request: the server closes idle
-        // keep-alive connections, and a pooled one can die mid-send.
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(600))
-            .pool_max_idle_per_host(0)
-            .build()?,
-        extra: serde_json::json!({}),
-        _proc: Box::new(proc),
-    })
+    .await
 }
 
 pub async fn run(args: EngineArgs) -> Result<()> {
