@@ -9,9 +9,10 @@
 
 use std::collections::BTreeMap;
 
-use rand::RngCore;
 use sqlx::Row;
 
+use crate::sql;
+use crate::writer::{Op, Reply};
 use crate::{now_ms, Backend, Result, Store, StoreError};
 
 /// Pico-dollars per US dollar.
@@ -163,10 +164,15 @@ pub struct UsageRow {
     pub cost: i64,
 }
 
-fn new_id() -> String {
-    let mut b = [0u8; 12];
-    rand::thread_rng().fill_bytes(&mut b);
-    hex::encode(b)
+fn count(reply: Reply) -> Result<u64> {
+    match reply {
+        Reply::Count(n) => Ok(n),
+        other => Err(StoreError::Invalid(format!("unexpected reply {other:?}"))),
+    }
+}
+
+pub(crate) fn new_id() -> String {
+    crate::time_ordered_id()
 }
 
 impl Store {
@@ -181,14 +187,20 @@ impl Store {
         })
     }
 
+    /// A user's balance; `reserved` includes reservations granted in this
+    /// process and not yet written.
     pub async fn balance(&self, user_id: &str) -> Result<Balance> {
+        if let Some(w) = &self.writer {
+            let op = Op::Balance {
+                user_id: user_id.to_string(),
+            };
+            return match w.call(op).await? {
+                Reply::Balance { ledger, reserved } => Ok(Balance { ledger, reserved }),
+                other => Err(StoreError::Invalid(format!("unexpected reply {other:?}"))),
+            };
+        }
         let ledger = self.sum_account(&user_account(user_id)).await?;
-        let row = sqlx::query(
-            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS s FROM reservations WHERE user_id = $1 AND state = 'open'",
-        )
-        .bind(user_id)
-        .fetch_one(self.pool())
-        .await?;
+        let row = sql::reserved(user_id).sqlx().fetch_one(self.pool()).await?;
         Ok(Balance {
             ledger,
             reserved: row.try_get("s")?,
@@ -212,16 +224,14 @@ impl Store {
             return Err(StoreError::NotFound(format!("user {user_id}")));
         }
         let txn = format!("topup-{}", new_id());
+        let entries = vec![
+            (user_account(user_id), amount, "topup"),
+            (FUNDING_ACCOUNT.to_string(), -amount, "topup"),
+        ];
         let mut tx = self.pool().begin().await?;
-        write_entries(
-            &mut tx,
-            &txn,
-            vec![
-                (user_account(user_id), amount, "topup"),
-                (FUNDING_ACCOUNT.to_string(), -amount, "topup"),
-            ],
-        )
-        .await?;
+        for stmt in sql::entries_stmts(&txn, entries, now_ms()) {
+            stmt.sqlx().execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -235,21 +245,16 @@ impl Store {
         amount: i64,
         owner: &str,
     ) -> Result<bool> {
-        const SQL: &str = "INSERT INTO reservations (request_id, user_id, amount, owner, state, created_ms) \
-             SELECT $1, $2, $3, $4, 'open', $5 WHERE \
-             COALESCE((SELECT balance FROM account_balances WHERE account = $6), 0) \
-             - (SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE user_id = $7 AND state = 'open') >= $8";
-        let query = || {
-            sqlx::query(SQL)
-                .bind(request_id.to_string())
-                .bind(user_id.to_string())
-                .bind(amount)
-                .bind(owner.to_string())
-                .bind(now_ms())
-                .bind(user_account(user_id))
-                .bind(user_id.to_string())
-                .bind(amount)
-        };
+        if let Some(w) = &self.writer {
+            let op = Op::Reserve {
+                request_id: request_id.to_string(),
+                user_id: user_id.to_string(),
+                amount,
+                owner: owner.to_string(),
+            };
+            return Ok(matches!(w.call(op).await?, Reply::Flag(true)));
+        }
+        let stmt = sql::reserve(request_id, user_id, amount, owner, now_ms());
         let done = if self.backend() == Backend::Postgres {
             // Serialise reservations of one user across replicas.
             let mut tx = self.pool().begin().await?;
@@ -257,12 +262,12 @@ impl Store {
                 .bind(user_id)
                 .fetch_optional(&mut *tx)
                 .await?;
-            let done = query().execute(&mut *tx).await?;
+            let done = stmt.sqlx().execute(&mut *tx).await?;
             tx.commit().await?;
             done
         } else {
             // One statement is atomic in SQLite (writers are serialised).
-            query().execute(self.pool()).await?
+            stmt.sqlx().execute(self.pool()).await?
         };
         Ok(done.rows_affected() == 1)
     }
@@ -283,51 +288,33 @@ impl Store {
         record: Option<&crate::RequestRecord>,
     ) -> Result<bool> {
         if let Some(s) = settlement {
-            let credited: i64 = s.credits.iter().map(|(_, c)| *c).sum();
-            if credited + s.fee != s.cost || s.cost < 0 || s.fee < 0 {
-                return Err(StoreError::Invalid(format!(
-                    "unbalanced settlement for {}: cost {} != credits {credited} + fee {}",
-                    s.request_id, s.cost, s.fee
-                )));
-            }
+            sql::check_settlement(s).map_err(StoreError::Invalid)?;
         }
+        if let Some(w) = &self.writer {
+            let op = Op::Settle {
+                settlement: settlement.cloned().map(Box::new),
+                record: record.cloned().map(Box::new),
+            };
+            return Ok(matches!(w.call(op).await?, Reply::Flag(true)));
+        }
+        let now = now_ms();
         let mut tx = self.pool().begin().await?;
         let mut settled = false;
         if let Some(s) = settlement {
-            let first = sqlx::query(
-                "INSERT INTO settlements (request_id, user_id, cost, created_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING",
-            )
-            .bind(&s.request_id)
-            .bind(&s.user_id)
-            .bind(s.cost)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
+            let first = sql::settlement_row(s, now).sqlx().execute(&mut *tx).await?;
             if first.rows_affected() == 1 {
                 settled = true;
-                if s.cost > 0 {
-                    let payer = if s.user_pays {
-                        user_account(&s.user_id)
-                    } else {
-                        FREE_TIER_ACCOUNT.to_string()
-                    };
-                    let mut entries = vec![(payer, -s.cost, "usage")];
-                    for (miner, credit) in &s.credits {
-                        entries.push((miner_account(miner), *credit, "serving"));
-                    }
-                    entries.push((FEES_ACCOUNT.to_string(), s.fee, "fee"));
-                    write_entries(&mut tx, &format!("req-{}", s.request_id), entries).await?;
+                for stmt in sql::settlement_entries(s, now) {
+                    stmt.sqlx().execute(&mut *tx).await?;
                 }
-                sqlx::query(
-                    "UPDATE reservations SET state = 'settled' WHERE request_id = $1 AND state = 'open'",
-                )
-                .bind(&s.request_id)
-                .execute(&mut *tx)
-                .await?;
+                sql::close_reservation(&s.request_id)
+                    .sqlx()
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
         if let Some(r) = record {
-            crate::insert_request(&mut tx, r).await?;
+            sql::request_row(r).sqlx().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(settled)
@@ -335,12 +322,13 @@ impl Store {
 
     /// Releases a reservation without charging (the request failed).
     pub async fn release(&self, request_id: &str) -> Result<()> {
-        sqlx::query(
-            "UPDATE reservations SET state = 'released' WHERE request_id = $1 AND state = 'open'",
-        )
-        .bind(request_id)
-        .execute(self.pool())
-        .await?;
+        if let Some(w) = &self.writer {
+            let op = Op::Release {
+                request_id: request_id.to_string(),
+            };
+            return w.call(op).await.map(|_| ());
+        }
+        sql::release(request_id).sqlx().execute(self.pool()).await?;
         Ok(())
     }
 
@@ -348,24 +336,26 @@ impl Store {
     /// (their requests never finished, so nothing is charged). Returns how
     /// many were released.
     pub async fn recover(&self, owner: &str) -> Result<u64> {
-        let done = sqlx::query(
-            "UPDATE reservations SET state = 'released' WHERE owner = $1 AND state = 'open'",
-        )
-        .bind(owner)
-        .execute(self.pool())
-        .await?;
+        if let Some(w) = &self.writer {
+            let op = Op::Recover {
+                owner: owner.to_string(),
+            };
+            return count(w.call(op).await?);
+        }
+        let done = sql::recover(owner).sqlx().execute(self.pool()).await?;
         Ok(done.rows_affected())
     }
 
     /// Releases open reservations older than `max_age_ms` from any owner
     /// (a replica that died and never came back).
     pub async fn release_stale(&self, max_age_ms: i64) -> Result<u64> {
-        let done = sqlx::query(
-            "UPDATE reservations SET state = 'released' WHERE state = 'open' AND created_ms < $1",
-        )
-        .bind(now_ms() - max_age_ms)
-        .execute(self.pool())
-        .await?;
+        if let Some(w) = &self.writer {
+            return count(w.call(Op::ReleaseStale { max_age_ms }).await?);
+        }
+        let done = sql::release_stale(now_ms() - max_age_ms)
+            .sqlx()
+            .execute(self.pool())
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -414,15 +404,23 @@ impl Store {
     /// Takes one request from a key's daily allowance; `None` when the
     /// day's `limit` is used up. Exact across replicas sharing the database.
     pub async fn take_daily(&self, key_id: &str, day: &str, limit: i64) -> Result<Option<i64>> {
-        sqlx::query("INSERT INTO daily_counters (key_id, day, used) VALUES ($1, $2, 0) ON CONFLICT (key_id, day) DO NOTHING")
-            .bind(key_id)
-            .bind(day)
+        if let Some(w) = &self.writer {
+            let op = Op::TakeDaily {
+                key_id: key_id.to_string(),
+                day: day.to_string(),
+                limit,
+            };
+            return match w.call(op).await? {
+                Reply::Daily(used) => Ok(used),
+                other => Err(StoreError::Invalid(format!("unexpected reply {other:?}"))),
+            };
+        }
+        sql::daily_row(key_id, day)
+            .sqlx()
             .execute(self.pool())
             .await?;
-        let done = sqlx::query("UPDATE daily_counters SET used = used + 1 WHERE key_id = $1 AND day = $2 AND used < $3")
-            .bind(key_id)
-            .bind(day)
-            .bind(limit)
+        let done = sql::daily_take(key_id, day, limit)
+            .sqlx()
             .execute(self.pool())
             .await?;
         if done.rows_affected() == 0 {
@@ -433,20 +431,23 @@ impl Store {
 
     /// Gives back a request the service failed to serve.
     pub async fn refund_daily(&self, key_id: &str, day: &str) -> Result<()> {
-        sqlx::query(
-            "UPDATE daily_counters SET used = used - 1 WHERE key_id = $1 AND day = $2 AND used > 0",
-        )
-        .bind(key_id)
-        .bind(day)
-        .execute(self.pool())
-        .await?;
+        if let Some(w) = &self.writer {
+            let op = Op::RefundDaily {
+                key_id: key_id.to_string(),
+                day: day.to_string(),
+            };
+            return w.call(op).await.map(|_| ());
+        }
+        sql::daily_refund(key_id, day)
+            .sqlx()
+            .execute(self.pool())
+            .await?;
         Ok(())
     }
 
     pub async fn daily_used(&self, key_id: &str, day: &str) -> Result<i64> {
-        let row = sqlx::query("SELECT used FROM daily_counters WHERE key_id = $1 AND day = $2")
-            .bind(key_id)
-            .bind(day)
+        let row = sql::daily_used(key_id, day)
+            .sqlx()
             .fetch_optional(self.pool())
             .await?;
         Ok(match row {
@@ -483,83 +484,6 @@ impl Store {
         }
         Ok(agg.into_values().collect())
     }
-}
-
-/// Appends one transaction's entries and moves the running balances, in
-/// two statements whatever the number of entries. Entries with the same
-/// account and kind are merged; zero amounts are skipped.
-async fn write_entries(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    txn: &str,
-    entries: Vec<(String, i64, &'static str)>,
-) -> Result<()> {
-    let mut merged: Vec<(String, i64, &'static str)> = Vec::new();
-    for (account, amount, kind) in entries {
-        match merged
-            .iter_mut()
-            .find(|(a, _, k)| *a == account && *k == kind)
-        {
-            Some(e) => e.1 += amount,
-            None => merged.push((account, amount, kind)),
-        }
-    }
-    merged.retain(|(_, amount, _)| *amount != 0);
-    if merged.is_empty() {
-        return Ok(());
-    }
-    let now = now_ms();
-    let rows: Vec<String> = (0..merged.len())
-        .map(|i| {
-            let b = i * 6;
-            format!(
-                "(${}, ${}, ${}, ${}, ${}, ${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6
-            )
-        })
-        .collect();
-    let sql = format!(
-        "INSERT INTO ledger_entries (id, txn, account, amount, kind, created_ms) VALUES {}",
-        rows.join(", ")
-    );
-    let mut q = sqlx::query(&sql);
-    for (account, amount, kind) in &merged {
-        q = q
-            .bind(new_id())
-            .bind(txn.to_string())
-            .bind(account.clone())
-            .bind(*amount)
-            .bind(kind.to_string())
-            .bind(now);
-    }
-    q.execute(&mut **tx).await?;
-    // One balance row per account (PostgreSQL refuses to update a row twice
-    // in one statement).
-    let mut per_account: Vec<(String, i64)> = Vec::new();
-    for (account, amount, _) in &merged {
-        match per_account.iter_mut().find(|(a, _)| a == account) {
-            Some(e) => e.1 += amount,
-            None => per_account.push((account.clone(), *amount)),
-        }
-    }
-    let rows: Vec<String> = (0..per_account.len())
-        .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
-        .collect();
-    let sql = format!(
-        "INSERT INTO account_balances (account, balance) VALUES {} \
-         ON CONFLICT (account) DO UPDATE SET balance = account_balances.balance + excluded.balance",
-        rows.join(", ")
-    );
-    let mut q = sqlx::query(&sql);
-    for (account, amount) in per_account {
-        q = q.bind(account).bind(amount);
-    }
-    q.execute(&mut **tx).await?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -64,17 +64,22 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Request ids sort by time (see [`sluice_store::time_ordered_id`]).
 pub fn new_request_id() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 12];
-    rand::thread_rng().fill_bytes(&mut b);
-    hex::encode(b)
+    sluice_store::time_ordered_id()
 }
 
-/// The request id: the client's `x-request-id` if sane, else a new one.
-pub fn request_id(headers: &HeaderMap) -> String {
+/// Header a client sets to correlate its requests with ours; echoed back.
+pub const HDR_CLIENT_REQUEST_ID: &str = "x-client-request-id";
+
+/// The client's own id for the request (`x-client-request-id`, or
+/// `x-request-id`), when sane. Only echoed and logged: the ledger keys
+/// requests by an id Sluice generates, so a reused client id can neither
+/// collide with another request nor dodge a charge.
+pub fn client_request_id(headers: &HeaderMap) -> Option<String> {
     headers
-        .get(HDR_REQUEST_ID)
+        .get(HDR_CLIENT_REQUEST_ID)
+        .or_else(|| headers.get(HDR_REQUEST_ID))
         .and_then(|v| v.to_str().ok())
         .filter(|v| {
             !v.is_empty()
@@ -83,7 +88,6 @@ pub fn request_id(headers: &HeaderMap) -> String {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
         .map(str::to_string)
-        .unwrap_or_else(new_request_id)
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
@@ -302,9 +306,12 @@ fn max_wait(state: &AppState, headers: &HeaderMap) -> Result<Duration, ApiError>
     ))
 }
 
-fn with_request_id(mut resp: Response, id: &str) -> Response {
+fn with_request_id(mut resp: Response, id: &str, client_id: Option<&str>) -> Response {
     if let Ok(v) = HeaderValue::from_str(id) {
         resp.headers_mut().insert(HDR_REQUEST_ID, v);
+    }
+    if let Some(v) = client_id.and_then(|c| HeaderValue::from_str(c).ok()) {
+        resp.headers_mut().insert(HDR_CLIENT_REQUEST_ID, v);
     }
     resp
 }
@@ -328,7 +335,11 @@ pub async fn completions(
 /// Runs one completion request; every outcome carries the request id and
 /// (once the caller is known) the rate-limit headers.
 async fn serve(state: &AppState, headers: &HeaderMap, body: Body, kind: Kind) -> Response {
-    let id = request_id(headers);
+    let id = new_request_id();
+    let client_id = client_request_id(headers);
+    if let Some(c) = &client_id {
+        tracing::debug!(request_id = %id, client_request_id = %c, "client request id");
+    }
     let mut rate = None;
     let mut resp = match handle(state, headers, body, kind, &id, &mut rate).await {
         Ok(r) => r,
@@ -340,7 +351,7 @@ async fn serve(state: &AppState, headers: &HeaderMap, body: Body, kind: Kind) ->
     if let Some(r) = rate {
         r.apply(resp.headers_mut());
     }
-    with_request_id(resp, &id)
+    with_request_id(resp, &id, client_id.as_deref())
 }
 
 fn count_error(state: &AppState, e: &ApiError) {

@@ -45,8 +45,109 @@ pub enum LimitError {
     Redis(#[from] redis::RedisError),
 }
 
-/// One key's window: (time, request id, tokens), oldest first.
-type Window = VecDeque<(i64, String, u64)>;
+/// One key's window in memory, with running totals so that admitting
+/// and updating cost O(1) whatever the limits (a key allowed 100k
+/// requests a minute keeps 100k entries).
+#[derive(Default)]
+pub struct Window {
+    /// Oldest first; entries of removed requests stay (dead) until they
+    /// reach either end.
+    entries: VecDeque<Entry>,
+    /// Sequence number of `entries[0]`.
+    first_seq: u64,
+    /// Live request id -> sequence number.
+    ids: HashMap<String, u64>,
+    count: u64,
+    used: u64,
+}
+
+struct Entry {
+    ts: i64,
+    id: String,
+    tokens: u64,
+    live: bool,
+}
+
+impl Window {
+    fn prune(&mut self, now: i64) {
+        while let Some(e) = self.entries.front() {
+            if e.live && e.ts > now - WINDOW_MS {
+                break;
+            }
+            if let Some(e) = self.entries.pop_front() {
+                if e.live {
+                    self.forget(&e);
+                }
+            }
+            self.first_seq += 1;
+        }
+        while self.entries.back().is_some_and(|e| !e.live) {
+            self.entries.pop_back();
+        }
+    }
+
+    fn forget(&mut self, e: &Entry) {
+        self.count -= 1;
+        self.used -= e.tokens;
+        let seq = self.ids.get(&e.id).copied();
+        // A reused request id may point at a newer entry: keep that one.
+        if seq.is_some_and(|s| s <= self.first_seq) {
+            self.ids.remove(&e.id);
+        }
+    }
+
+    fn push(&mut self, ts: i64, id: &str, tokens: u64) {
+        let seq = self.first_seq + self.entries.len() as u64;
+        self.ids.insert(id.to_string(), seq);
+        self.entries.push_back(Entry {
+            ts,
+            id: id.to_string(),
+            tokens,
+            live: true,
+        });
+        self.count += 1;
+        self.used += tokens;
+    }
+
+    fn update(&mut self, id: &str, tokens: Option<u64>) {
+        let Some(&seq) = self.ids.get(id) else {
+            return;
+        };
+        let Some(e) = self
+            .entries
+            .get_mut(seq.saturating_sub(self.first_seq) as usize)
+        else {
+            return;
+        };
+        self.used -= e.tokens;
+        match tokens {
+            Some(t) => {
+                e.tokens = t;
+                self.used += t;
+            }
+            None => {
+                e.tokens = 0;
+                e.live = false;
+                self.count -= 1;
+                self.ids.remove(id);
+            }
+        }
+    }
+
+    fn state(&self, tokens: u64, limits: WindowLimits, now: i64) -> WindowState {
+        let live = self.entries.iter().filter(|e| e.live);
+        decide_totals(
+            self.count,
+            self.used,
+            live.clone().next().map(|e| e.ts),
+            self.entries.back().map(|e| e.ts),
+            live.map(|e| (e.ts, e.tokens)),
+            tokens,
+            limits,
+            now,
+        )
+    }
+}
 
 pub enum Limiter {
     Local(Mutex<HashMap<String, Window>>),
@@ -95,19 +196,16 @@ impl Limiter {
                     Err(p) => p.into_inner(),
                 };
                 if map.len() > 100_000 {
-                    map.retain(|_, w| w.back().is_some_and(|(ts, _, _)| *ts > now - WINDOW_MS));
+                    map.retain(|_, w| w.entries.back().is_some_and(|e| e.ts > now - WINDOW_MS));
                 }
-                let window = map.entry(key_id.to_string()).or_default();
-                while window
-                    .front()
-                    .is_some_and(|(ts, _, _)| *ts <= now - WINDOW_MS)
-                {
-                    window.pop_front();
-                }
-                let entries: Vec<(i64, u64)> = window.iter().map(|(ts, _, t)| (*ts, *t)).collect();
-                let state = decide(&entries, tokens, limits, now);
+                let window = match map.get_mut(key_id) {
+                    Some(w) => w,
+                    None => map.entry(key_id.to_string()).or_default(),
+                };
+                window.prune(now);
+                let state = window.state(tokens, limits, now);
                 if state.exceeded.is_none() {
-                    window.push_back((now, request_id.to_string(), tokens));
+                    window.push(now, request_id, tokens);
                 }
                 Ok(state)
             }
@@ -146,14 +244,7 @@ impl Limiter {
                     Err(p) => p.into_inner(),
                 };
                 if let Some(window) = map.get_mut(key_id) {
-                    match tokens {
-                        Some(t) => {
-                            if let Some(e) = window.iter_mut().find(|(_, id, _)| id == request_id) {
-                                e.2 = t;
-                            }
-                        }
-                        None => window.retain(|(_, id, _)| id != request_id),
-                    }
+                    window.update(request_id, tokens);
                 }
                 Ok(())
             }
@@ -174,17 +265,32 @@ impl Limiter {
 
 /// The admission decision over a window's (time, tokens) entries.
 pub fn decide(entries: &[(i64, u64)], tokens: u64, limits: WindowLimits, now: i64) -> WindowState {
-    let live: Vec<(i64, u64)> = entries
+    let live = entries
         .iter()
         .copied()
-        .filter(|(ts, _)| *ts > now - WINDOW_MS)
-        .collect();
-    let count = live.len() as u64;
-    let used: u64 = live.iter().map(|(_, t)| t).sum();
-    let oldest_reset = live
-        .first()
-        .map_or(0, |(ts, _)| ts + WINDOW_MS - now)
-        .max(0);
+        .filter(|(ts, _)| *ts > now - WINDOW_MS);
+    let count = live.clone().count() as u64;
+    let used: u64 = live.clone().map(|(_, t)| t).sum();
+    let oldest = live.clone().next().map(|(ts, _)| ts);
+    let newest = live.clone().next_back().map(|(ts, _)| ts);
+    decide_totals(count, used, oldest, newest, live, tokens, limits, now)
+}
+
+/// The admission decision from a window's totals: `count` live entries
+/// holding `used` tokens, the oldest and newest entry times, and the live
+/// entries oldest first (walked only to find when enough tokens leave).
+#[allow(clippy::too_many_arguments)]
+fn decide_totals(
+    count: u64,
+    used: u64,
+    oldest: Option<i64>,
+    newest: Option<i64>,
+    live: impl Iterator<Item = (i64, u64)>,
+    tokens: u64,
+    limits: WindowLimits,
+    now: i64,
+) -> WindowState {
+    let oldest_reset = oldest.map_or(0, |ts| ts + WINDOW_MS - now).max(0);
     let exceeded = if count + 1 > limits.rpm {
         Some(Exceeded::Requests)
     } else if used + tokens > limits.tpm {
@@ -196,7 +302,7 @@ pub fn decide(entries: &[(i64, u64)], tokens: u64, limits: WindowLimits, now: i6
     let mut tokens_reset = 0;
     if used + tokens > limits.tpm {
         let mut freed = 0;
-        for (ts, t) in &live {
+        for (ts, t) in live {
             freed += t;
             if used - freed + tokens <= limits.tpm {
                 tokens_reset = (ts + WINDOW_MS - now).max(0);
@@ -208,8 +314,7 @@ pub fn decide(entries: &[(i64, u64)], tokens: u64, limits: WindowLimits, now: i6
     let full_reset = if exceeded.is_none() {
         WINDOW_MS
     } else {
-        live.last()
-            .map_or(0, |(ts, _)| (ts + WINDOW_MS - now).max(0))
+        newest.map_or(0, |ts| (ts + WINDOW_MS - now).max(0))
     };
     let (count_after, used_after) = if exceeded.is_none() {
         (count + 1, used + tokens)
@@ -343,6 +448,52 @@ mod tests {
             l.admit("t", "c", 60, L, 3).await.unwrap().tokens_remaining,
             0
         );
+    }
+
+    /// The O(1) window agrees with `decide` over a plain list of entries.
+    #[tokio::test]
+    async fn running_totals_match_the_plain_window() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let limits = WindowLimits {
+            rpm: 40,
+            tpm: 2_000,
+        };
+        let l = Limiter::local();
+        // (time, id, tokens) of recorded requests.
+        let mut plain: Vec<(i64, String, u64)> = Vec::new();
+        let mut now = 0;
+        for i in 0..5_000 {
+            now += rng.gen_range(0..3_000);
+            // Admissions use fresh ids; updates name any earlier one.
+            let id = format!("r{}", rng.gen_range(0..i + 1));
+            match rng.gen_range(0..4) {
+                0 | 1 => {
+                    let id = format!("r{i}");
+                    let tokens = rng.gen_range(1..200);
+                    let got = l.admit("k", &id, tokens, limits, now).await.unwrap();
+                    plain.retain(|(ts, _, _)| *ts > now - WINDOW_MS);
+                    let entries: Vec<(i64, u64)> = plain.iter().map(|e| (e.0, e.2)).collect();
+                    assert_eq!(got, decide(&entries, tokens, limits, now), "step {i}");
+                    if got.exceeded.is_none() {
+                        plain.push((now, id, tokens));
+                    }
+                }
+                2 => {
+                    let t = rng.gen_range(0..300);
+                    l.update("k", &id, Some(t)).await.unwrap();
+                    if let Some(e) = plain.iter_mut().find(|e| e.1 == id) {
+                        e.2 = t;
+                    }
+                }
+                _ => {
+                    l.update("k", &id, None).await.unwrap();
+                    if let Some(pos) = plain.iter().position(|e| e.1 == id) {
+                        plain.remove(pos);
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,343 @@
+//! The SQL text and bound values of the per-request writes, shared by the
+//! two ways they reach a database: sqlx (PostgreSQL, and SQLite outside
+//! the hot path) and the SQLite ledger writer thread. Both backends read
+//! `$n` placeholders in order, so one statement serves both.
+
+use crate::ledger::{miner_account, user_account, Settlement, FEES_ACCOUNT, FREE_TIER_ACCOUNT};
+use crate::RequestRecord;
+
+/// A value bound to a statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Val {
+    Int(i64),
+    Text(String),
+    OptInt(Option<i64>),
+    OptText(Option<String>),
+}
+
+impl From<i64> for Val {
+    fn from(v: i64) -> Val {
+        Val::Int(v)
+    }
+}
+
+impl From<&str> for Val {
+    fn from(v: &str) -> Val {
+        Val::Text(v.to_string())
+    }
+}
+
+impl From<String> for Val {
+    fn from(v: String) -> Val {
+        Val::Text(v)
+    }
+}
+
+impl rusqlite::ToSql for Val {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(match self {
+            Val::Int(i) | Val::OptInt(Some(i)) => ToSqlOutput::Borrowed(ValueRef::Integer(*i)),
+            Val::Text(s) | Val::OptText(Some(s)) => {
+                ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes()))
+            }
+            Val::OptInt(None) | Val::OptText(None) => ToSqlOutput::Borrowed(ValueRef::Null),
+        })
+    }
+}
+
+/// A statement with its values, runnable on either backend.
+#[derive(Debug, Clone)]
+pub(crate) struct Stmt {
+    pub sql: String,
+    pub vals: Vec<Val>,
+}
+
+impl Stmt {
+    pub fn new(sql: impl Into<String>, vals: Vec<Val>) -> Stmt {
+        Stmt {
+            sql: sql.into(),
+            vals,
+        }
+    }
+
+    pub fn sqlx(&self) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
+        let mut q = sqlx::query(&self.sql);
+        for v in &self.vals {
+            q = match v {
+                Val::Int(i) => q.bind(*i),
+                Val::Text(s) => q.bind(s.as_str()),
+                Val::OptInt(o) => q.bind(*o),
+                Val::OptText(o) => q.bind(o.as_deref()),
+            };
+        }
+        q
+    }
+}
+
+/// Holds part of a user's balance for one request, only when the balance
+/// minus what is already held covers it. One statement.
+pub(crate) fn reserve(request_id: &str, user_id: &str, amount: i64, owner: &str, now: i64) -> Stmt {
+    Stmt::new(
+        "INSERT INTO reservations (request_id, user_id, amount, owner, state, created_ms) \
+         SELECT $1, $2, $3, $4, 'open', $5 WHERE \
+         COALESCE((SELECT balance FROM account_balances WHERE account = $6), 0) \
+         - (SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE user_id = $7 AND state = 'open') >= $8",
+        vec![
+            request_id.into(),
+            user_id.into(),
+            amount.into(),
+            owner.into(),
+            now.into(),
+            user_account(user_id).into(),
+            user_id.into(),
+            amount.into(),
+        ],
+    )
+}
+
+/// A reservation granted by the ledger writer (which checked the balance).
+pub(crate) fn hold(
+    request_id: &str,
+    user_id: &str,
+    amount: i64,
+    owner: &str,
+    created_ms: i64,
+) -> Stmt {
+    Stmt::new(
+        "INSERT INTO reservations (request_id, user_id, amount, owner, state, created_ms) \
+         VALUES ($1, $2, $3, $4, 'open', $5)",
+        vec![
+            request_id.into(),
+            user_id.into(),
+            amount.into(),
+            owner.into(),
+            created_ms.into(),
+        ],
+    )
+}
+
+/// A user's ledger balance (no row: zero).
+pub(crate) fn balance(user_id: &str) -> Stmt {
+    Stmt::new(
+        "SELECT balance FROM account_balances WHERE account = $1",
+        vec![user_account(user_id).into()],
+    )
+}
+
+/// What a user's open reservations hold.
+pub(crate) fn reserved(user_id: &str) -> Stmt {
+    Stmt::new(
+        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS s FROM reservations WHERE user_id = $1 AND state = 'open'",
+        vec![user_id.into()],
+    )
+}
+
+pub(crate) fn recover(owner: &str) -> Stmt {
+    Stmt::new(
+        "UPDATE reservations SET state = 'released' WHERE owner = $1 AND state = 'open'",
+        vec![owner.into()],
+    )
+}
+
+pub(crate) fn release_stale(before_ms: i64) -> Stmt {
+    Stmt::new(
+        "UPDATE reservations SET state = 'released' WHERE state = 'open' AND created_ms < $1",
+        vec![before_ms.into()],
+    )
+}
+
+pub(crate) fn release(request_id: &str) -> Stmt {
+    Stmt::new(
+        "UPDATE reservations SET state = 'released' WHERE request_id = $1 AND state = 'open'",
+        vec![request_id.into()],
+    )
+}
+
+/// The settlement row: its primary key makes settling exactly-once.
+pub(crate) fn settlement_row(s: &Settlement, now: i64) -> Stmt {
+    Stmt::new(
+        "INSERT INTO settlements (request_id, user_id, cost, created_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING",
+        vec![
+            s.request_id.as_str().into(),
+            s.user_id.as_str().into(),
+            s.cost.into(),
+            now.into(),
+        ],
+    )
+}
+
+pub(crate) fn close_reservation(request_id: &str) -> Stmt {
+    Stmt::new(
+        "UPDATE reservations SET state = 'settled' WHERE request_id = $1 AND state = 'open'",
+        vec![request_id.into()],
+    )
+}
+
+/// Checks a settlement's arithmetic before anything is written.
+pub(crate) fn check_settlement(s: &Settlement) -> Result<(), String> {
+    let credited: i64 = s.credits.iter().map(|(_, c)| *c).sum();
+    if credited + s.fee != s.cost || s.cost < 0 || s.fee < 0 {
+        return Err(format!(
+            "unbalanced settlement for {}: cost {} != credits {credited} + fee {}",
+            s.request_id, s.cost, s.fee
+        ));
+    }
+    Ok(())
+}
+
+/// The ledger entries of a settlement (empty when it costs nothing).
+pub(crate) fn settlement_entries(s: &Settlement, now: i64) -> Vec<Stmt> {
+    if s.cost <= 0 {
+        return Vec::new();
+    }
+    let payer = if s.user_pays {
+        user_account(&s.user_id)
+    } else {
+        FREE_TIER_ACCOUNT.to_string()
+    };
+    let mut entries = vec![(payer, -s.cost, "usage")];
+    for (miner, credit) in &s.credits {
+        entries.push((miner_account(miner), *credit, "serving"));
+    }
+    entries.push((FEES_ACCOUNT.to_string(), s.fee, "fee"));
+    entries_stmts(&format!("req-{}", s.request_id), entries, now)
+}
+
+/// One transaction's entries and the running balances they move, in two
+/// statements whatever the number of entries. Entries with the same
+/// account and kind are merged; zero amounts are skipped.
+pub(crate) fn entries_stmts(
+    txn: &str,
+    entries: Vec<(String, i64, &'static str)>,
+    now: i64,
+) -> Vec<Stmt> {
+    let mut merged: Vec<(String, i64, &'static str)> = Vec::new();
+    for (account, amount, kind) in entries {
+        match merged
+            .iter_mut()
+            .find(|(a, _, k)| *a == account && *k == kind)
+        {
+            Some(e) => e.1 += amount,
+            None => merged.push((account, amount, kind)),
+        }
+    }
+    merged.retain(|(_, amount, _)| *amount != 0);
+    if merged.is_empty() {
+        return Vec::new();
+    }
+    let rows: Vec<String> = (0..merged.len())
+        .map(|i| {
+            let b = i * 6;
+            format!(
+                "(${}, ${}, ${}, ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6
+            )
+        })
+        .collect();
+    let mut vals = Vec::with_capacity(merged.len() * 6);
+    for (account, amount, kind) in &merged {
+        vals.extend([
+            Val::Text(crate::ledger::new_id()),
+            txn.into(),
+            account.as_str().into(),
+            (*amount).into(),
+            (*kind).into(),
+            now.into(),
+        ]);
+    }
+    let entries = Stmt::new(
+        format!(
+            "INSERT INTO ledger_entries (id, txn, account, amount, kind, created_ms) VALUES {}",
+            rows.join(", ")
+        ),
+        vals,
+    );
+    // One balance row per account (PostgreSQL refuses to update a row twice
+    // in one statement).
+    let mut per_account: Vec<(String, i64)> = Vec::new();
+    for (account, amount, _) in merged {
+        match per_account.iter_mut().find(|(a, _)| *a == account) {
+            Some(e) => e.1 += amount,
+            None => per_account.push((account, amount)),
+        }
+    }
+    let rows: Vec<String> = (0..per_account.len())
+        .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+        .collect();
+    let vals = per_account
+        .into_iter()
+        .flat_map(|(account, amount)| [Val::Text(account), Val::Int(amount)])
+        .collect();
+    let balances = Stmt::new(
+        format!(
+            "INSERT INTO account_balances (account, balance) VALUES {} \
+             ON CONFLICT (account) DO UPDATE SET balance = account_balances.balance + excluded.balance",
+            rows.join(", ")
+        ),
+        vals,
+    );
+    vec![entries, balances]
+}
+
+pub(crate) fn request_row(r: &RequestRecord) -> Stmt {
+    Stmt::new(
+        "INSERT INTO requests (id, user_id, key_id, model, kind, stream, miner_key, status, http_status, \
+         prompt_tokens, completion_tokens, attempts, queue_ms, ttft_ms, latency_ms, created_ms, cost) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+        vec![
+            r.id.as_str().into(),
+            r.user_id.as_str().into(),
+            r.key_id.as_str().into(),
+            r.model.as_str().into(),
+            r.kind.as_str().into(),
+            i64::from(r.stream).into(),
+            Val::OptText(r.miner_key.clone()),
+            r.status.as_str().into(),
+            r.http_status.into(),
+            r.prompt_tokens.into(),
+            r.completion_tokens.into(),
+            r.attempts.into(),
+            r.queue_ms.into(),
+            Val::OptInt(r.ttft_ms),
+            r.latency_ms.into(),
+            r.created_ms.into(),
+            r.cost.into(),
+        ],
+    )
+}
+
+/// Creates the day's counter row of a key if missing.
+pub(crate) fn daily_row(key_id: &str, day: &str) -> Stmt {
+    Stmt::new(
+        "INSERT INTO daily_counters (key_id, day, used) VALUES ($1, $2, 0) ON CONFLICT (key_id, day) DO NOTHING",
+        vec![key_id.into(), day.into()],
+    )
+}
+
+/// Takes one unit when fewer than `limit` are used.
+pub(crate) fn daily_take(key_id: &str, day: &str, limit: i64) -> Stmt {
+    Stmt::new(
+        "UPDATE daily_counters SET used = used + 1 WHERE key_id = $1 AND day = $2 AND used < $3",
+        vec![key_id.into(), day.into(), limit.into()],
+    )
+}
+
+pub(crate) fn daily_used(key_id: &str, day: &str) -> Stmt {
+    Stmt::new(
+        "SELECT used FROM daily_counters WHERE key_id = $1 AND day = $2",
+        vec![key_id.into(), day.into()],
+    )
+}
+
+pub(crate) fn daily_refund(key_id: &str, day: &str) -> Stmt {
+    Stmt::new(
+        "UPDATE daily_counters SET used = used - 1 WHERE key_id = $1 AND day = $2 AND used > 0",
+        vec![key_id.into(), day.into()],
+    )
+}
