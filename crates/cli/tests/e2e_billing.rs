@@ -157,16 +157,35 @@ async fn free_quota_paid_pricing_limits_and_admin_on_sqlite() {
     assert!(body.contains("insufficient_balance"));
 
     // Paid tier: the charge is usage x price, exactly, streamed or not.
+    // Both requests reuse one client request id: it is echoed, never a
+    // ledger key, so both are charged.
     let (paid, user) = new_key(&base, "paid", Some("1")).await;
-    let (status, _, body) = post(&base, "/v1/chat/completions", Some(&paid), chat(7, false)).await;
+    let dup = [("x-request-id", "client-dup-1")];
+    let (status, h1, body) = post_with(
+        &base,
+        "/v1/chat/completions",
+        Some(&paid),
+        chat(7, false),
+        &dup,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(h1["x-client-request-id"], "client-dup-1");
     let v: Value = serde_json::from_str(&body).unwrap();
     let (p1, c1) = (
         v["usage"]["prompt_tokens"].as_i64().unwrap(),
         v["usage"]["completion_tokens"].as_i64().unwrap(),
     );
-    let (status, _, body) = post(&base, "/v1/chat/completions", Some(&paid), chat(5, true)).await;
+    let (status, h2, body) = post_with(
+        &base,
+        "/v1/chat/completions",
+        Some(&paid),
+        chat(5, true),
+        &dup,
+    )
+    .await;
     assert_eq!(status, 200);
+    assert_ne!(h1["x-request-id"], h2["x-request-id"]);
     let payloads = sse_payloads(&body);
     let usage: Value = serde_json::from_str(&payloads[payloads.len() - 2]).unwrap();
     let (p2, c2) = (

@@ -291,3 +291,77 @@ async fn overload_queues_instead_of_rejecting() {
         "3x overload for 20 s must refuse some short-deadline requests"
     );
 }
+
+/// Miners serve only invocations a registered validator authenticated:
+/// no MAC, a forged MAC, a MAC under a key computed by a third party from
+/// the public keys, or a stale time are all refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miners_refuse_invocations_without_a_valid_mac() {
+    use sluice_proto::miner::{
+        invoke_mac_hex, pair_key, parse_public, NonceResponse, HDR_MAC, HDR_REQUEST_ID,
+        HDR_TIMESTAMP, HDR_VALIDATOR,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_v, base, key) = validator(dir.path(), "");
+    let (_m, endpoint) = fake_miner_at(dir.path(), &base, "m", "capacity = 2\n");
+    wait_routable(&base, 1).await;
+    let http = client();
+    let nonce: NonceResponse = http
+        .get(format!("{base}/miner/v1/nonce"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let body = serde_json::to_vec(&json!({
+        "request_id": "forged", "model": MODEL,
+        "input": {"kind": "text", "prompt": "hi"}, "params": {}, "continuation": ""
+    }))
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // An attacker knows the public keys only: its own key with the
+    // validator's gives a secret the miner does not share.
+    let attacker = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+    let forged_key = pair_key(&attacker, &parse_public(&nonce.validator_key).unwrap()).unwrap();
+    let cases = [
+        ("no MAC", None, now),
+        ("garbage MAC", Some("00".repeat(32)), now),
+        (
+            "MAC under a third party's key",
+            Some(invoke_mac_hex(&forged_key, "forged", now, &body)),
+            now,
+        ),
+        (
+            "stale time",
+            Some(invoke_mac_hex(&forged_key, "forged", now - 120_000, &body)),
+            now - 120_000,
+        ),
+    ];
+    for (what, mac, ts) in cases {
+        let mut req = http
+            .post(format!("{endpoint}/v1/invoke"))
+            .header("content-type", "application/json")
+            .header(HDR_REQUEST_ID, "forged")
+            .header(HDR_TIMESTAMP, ts.to_string())
+            .header(HDR_VALIDATOR, &nonce.validator_key)
+            .body(body.clone());
+        if let Some(mac) = mac {
+            req = req.header(HDR_MAC, mac);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{what} was accepted");
+    }
+    // The validator's own invocations still go through.
+    let (status, _, body) = post(
+        &base,
+        "/v1/chat/completions",
+        Some(&key),
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}

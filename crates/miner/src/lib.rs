@@ -15,16 +15,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::Router;
-use ed25519_dalek::{SigningKey, VerifyingKey};
+use ed25519_dalek::SigningKey;
 use futures_util::StreamExt;
 use sluice_engine::{Engine, EngineError};
 use sluice_proto::miner::{
-    heartbeat_message, invoke_message, parse_public, public_hex, register_message, sign_hex,
-    verify_hex, HeartbeatRequest, InvokeEvent, InvokeRequest, NonceResponse, OfferedChute,
-    RegisterRequest, RegisterResponse, HDR_REQUEST_ID, HDR_SIGNATURE, HDR_TIMESTAMP,
+    heartbeat_message, pair_key, parse_public, public_hex, register_message, sign_hex,
+    verify_invoke_mac, HeartbeatRequest, InvokeEvent, InvokeRequest, NonceResponse, OfferedChute,
+    RegisterRequest, RegisterResponse, HDR_MAC, HDR_REQUEST_ID, HDR_TIMESTAMP, HDR_VALIDATOR,
 };
 use sluice_proto::sse::encode_data;
-use tokio::sync::RwLock;
+use std::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -49,9 +49,10 @@ pub enum MinerError {
 #[derive(Clone)]
 struct MinerState {
     engine: Arc<dyn Engine>,
-    /// Keys of the validators this miner registered with (by URL);
-    /// invocations must carry a signature from one of them.
-    validator_keys: Arc<RwLock<std::collections::HashMap<String, VerifyingKey>>>,
+    /// Invocation keys shared with each validator this miner registered
+    /// with, by the validator's public key (hex): invocations must carry a
+    /// MAC under one of them.
+    invoke_keys: Arc<RwLock<std::collections::HashMap<String, [u8; 32]>>>,
 }
 
 /// A running miner.
@@ -86,7 +87,7 @@ pub async fn start(
         .unwrap_or_else(|| format!("http://{addr}"));
     let state = MinerState {
         engine: engine.clone(),
-        validator_keys: Arc::new(RwLock::new(std::collections::HashMap::new())),
+        invoke_keys: Arc::new(RwLock::new(std::collections::HashMap::new())),
     };
     let app = Router::new()
         .route("/v1/invoke", post(invoke))
@@ -163,16 +164,19 @@ async fn invoke(State(state): State<MinerState>, headers: HeaderMap, body: Bytes
             .unwrap_or("")
     };
     let request_id = header(HDR_REQUEST_ID).to_string();
-    let keys: Vec<VerifyingKey> = state
-        .validator_keys
-        .read()
-        .await
-        .values()
-        .copied()
-        .collect();
-    if keys.is_empty() {
-        return reject(StatusCode::SERVICE_UNAVAILABLE, "not registered yet");
-    }
+    let key = {
+        let keys = match state.invoke_keys.read() {
+            Ok(k) => k,
+            Err(p) => p.into_inner(),
+        };
+        if keys.is_empty() {
+            return reject(StatusCode::SERVICE_UNAVAILABLE, "not registered yet");
+        }
+        keys.get(header(HDR_VALIDATOR)).copied()
+    };
+    let Some(key) = key else {
+        return reject(StatusCode::UNAUTHORIZED, "unknown validator");
+    };
     let Ok(ts) = header(HDR_TIMESTAMP).parse::<u64>() else {
         return reject(StatusCode::UNAUTHORIZED, "missing timestamp");
     };
@@ -183,12 +187,8 @@ async fn invoke(State(state): State<MinerState>, headers: HeaderMap, body: Bytes
     if now.abs_diff(ts) > 60_000 {
         return reject(StatusCode::UNAUTHORIZED, "stale invocation");
     }
-    let message = invoke_message(&request_id, ts, &body);
-    if !keys
-        .iter()
-        .any(|k| verify_hex(k, &message, header(HDR_SIGNATURE)).is_ok())
-    {
-        return reject(StatusCode::UNAUTHORIZED, "bad validator signature");
+    if verify_invoke_mac(&key, &request_id, ts, &body, header(HDR_MAC)).is_err() {
+        return reject(StatusCode::UNAUTHORIZED, "bad invocation MAC");
     }
     let req: InvokeRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -271,11 +271,14 @@ impl Agent {
             .await
             .map_err(|e| format!("bad nonce response: {e}"))?;
         let vkey = parse_public(&nonce.validator_key).map_err(|e| e.to_string())?;
-        self.state
-            .validator_keys
-            .write()
-            .await
-            .insert(self.validator.clone(), vkey);
+        let invoke_key = pair_key(&self.key, &vkey)
+            .ok_or_else(|| "the validator's key gives no shared secret".to_string())?;
+        match self.state.invoke_keys.write() {
+            Ok(mut k) => k.insert(nonce.validator_key.clone(), invoke_key),
+            Err(p) => p
+                .into_inner()
+                .insert(nonce.validator_key.clone(), invoke_key),
+        };
         let info = self.engine.info();
         let chutes = vec![OfferedChute {
             model: info.model_id.clone(),

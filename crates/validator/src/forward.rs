@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use sluice_proto::miner::{
-    invoke_message, sign_hex, FinishReason, GenerationParams, InvokeEvent, InvokeRequest,
-    PromptInput, HDR_REQUEST_ID, HDR_SIGNATURE, HDR_TIMESTAMP,
+    invoke_mac_hex, pair_key, parse_public, FinishReason, GenerationParams, InvokeEvent,
+    InvokeRequest, PromptInput, HDR_MAC, HDR_REQUEST_ID, HDR_TIMESTAMP, HDR_VALIDATOR,
 };
 use sluice_proto::sse::SseDecoder;
 use tokio::sync::mpsc;
@@ -290,10 +290,13 @@ async fn attempt(
             }
         };
         let ts = sluice_store::now_ms() as u64;
-        let sig = sign_hex(
-            &state.signing_key,
-            &invoke_message(&invoke.request_id, ts, &body),
-        );
+        let Some(key) = invoke_key(state, &lease.instance.miner_key) else {
+            return Attempt::Failed {
+                tokens: 0,
+                why: "the miner's key gives no shared secret".into(),
+            };
+        };
+        let mac = invoke_mac_hex(&key, &invoke.request_id, ts, &body);
         let sent = Instant::now();
         let url = format!(
             "{}/v1/invoke",
@@ -307,7 +310,8 @@ async fn attempt(
             .header("content-type", "application/json")
             .header(HDR_REQUEST_ID, &invoke.request_id)
             .header(HDR_TIMESTAMP, ts.to_string())
-            .header(HDR_SIGNATURE, sig)
+            .header(HDR_VALIDATOR, &*state.public_key)
+            .header(HDR_MAC, mac)
             .body(body)
             .send();
         let resp = match tokio::time::timeout(first_timeout, request).await {
@@ -446,4 +450,26 @@ pub fn spawn(
         .instrument(span),
     );
     rx
+}
+
+/// The invocation key shared with a miner, computed once per miner.
+fn invoke_key(state: &AppState, miner_key: &str) -> Option<[u8; 32]> {
+    let cached = match state.invoke_keys.read() {
+        Ok(k) => k.get(miner_key).copied(),
+        Err(p) => p.into_inner().get(miner_key).copied(),
+    };
+    if cached.is_some() {
+        return cached;
+    }
+    let key = pair_key(&state.signing_key, &parse_public(miner_key).ok()?)?;
+    let mut keys = match state.invoke_keys.write() {
+        Ok(k) => k,
+        Err(p) => p.into_inner(),
+    };
+    // Miners come and go: keep the cache bounded.
+    if keys.len() >= 100_000 {
+        keys.clear();
+    }
+    keys.insert(miner_key.to_string(), key);
+    Some(key)
 }

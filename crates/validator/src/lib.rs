@@ -65,6 +65,11 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     pub http: reqwest::Client,
     pub signing_key: Arc<SigningKey>,
+    /// Invocation keys shared with miners, by miner key (see
+    /// [`sluice_proto::miner::pair_key`]).
+    pub invoke_keys: Arc<std::sync::RwLock<std::collections::HashMap<String, [u8; 32]>>>,
+    /// This validator's public key, hex.
+    pub public_key: Arc<str>,
     pub nonces: Arc<Nonces>,
     pub retry_budget: Arc<retry::RetryBudget>,
     pub limiter: Arc<limits::Limiter>,
@@ -307,7 +312,9 @@ pub async fn start(
         store,
         metrics: Arc::new(Metrics::default()),
         http,
+        public_key: sluice_proto::miner::public_hex(&signing_key).into(),
         signing_key: Arc::new(signing_key),
+        invoke_keys: Arc::default(),
         nonces: Arc::new(Nonces::default()),
         retry_budget: Arc::new(retry::RetryBudget::default()),
         limiter: Arc::new(limiter),

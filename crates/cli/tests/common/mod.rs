@@ -156,7 +156,21 @@ pub async fn post(
     key: Option<&str>,
     body: serde_json::Value,
 ) -> (u16, reqwest::header::HeaderMap, String) {
+    post_with(base, path, key, body, &[]).await
+}
+
+/// [`post`] with extra request headers.
+pub async fn post_with(
+    base: &str,
+    path: &str,
+    key: Option<&str>,
+    body: serde_json::Value,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, String) {
     let mut req = client().post(format!("{base}{path}")).json(&body);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
     if let Some(k) = key {
         req = req.bearer_auth(k);
     }
@@ -183,6 +197,11 @@ pub async fn wait_routable(base: &str, n: u64) {
 /// Starts a miner running the scripted fake engine, registered with
 /// `validators` (comma-separated). `script` is TOML for `[engine]`.
 pub fn fake_miner(dir: &Path, validators: &str, name: &str, script: &str) -> Proc {
+    fake_miner_at(dir, validators, name, script).0
+}
+
+/// A fake-engine miner and its endpoint URL.
+pub fn fake_miner_at(dir: &Path, validators: &str, name: &str, script: &str) -> (Proc, String) {
     let cfg = dir.join(format!("{name}.toml"));
     std::fs::write(
         &cfg,
@@ -190,7 +209,7 @@ pub fn fake_miner(dir: &Path, validators: &str, name: &str, script: &str) -> Pro
     )
     .unwrap();
     let data = dir.join(name);
-    Proc::start(
+    let proc = Proc::start(
         &[
             "miner",
             "--config",
@@ -206,6 +225,11 @@ pub fn fake_miner(dir: &Path, validators: &str, name: &str, script: &str) -> Pro
         name,
         "miner serving on ",
         Duration::from_secs(30),
-    )
-    .0
+    );
+    let endpoint = proc
+        .1
+        .trim_start_matches("miner serving on ")
+        .trim()
+        .to_string();
+    (proc.0, endpoint)
 }
