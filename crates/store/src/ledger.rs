@@ -246,13 +246,7 @@ impl Store {
         owner: &str,
     ) -> Result<bool> {
         if let Some(w) = &self.writer {
-            let op = Op::Reserve {
-                request_id: request_id.to_string(),
-                user_id: user_id.to_string(),
-                amount,
-                owner: owner.to_string(),
-            };
-            return Ok(matches!(w.call(op).await?, Reply::Flag(true)));
+            return w.reserve(request_id, user_id, amount, owner).await;
         }
         let stmt = sql::reserve(request_id, user_id, amount, owner, now_ms());
         let done = if self.backend() == Backend::Postgres {

@@ -117,11 +117,13 @@ pub(crate) fn hold(
     )
 }
 
-/// A user's ledger balance (no row: zero).
-pub(crate) fn balance(user_id: &str) -> Stmt {
+/// A user's ledger balance (no row: zero) and what the user's open
+/// reservations hold, in one row.
+pub(crate) fn balance_and_reserved(user_id: &str) -> Stmt {
     Stmt::new(
-        "SELECT balance FROM account_balances WHERE account = $1",
-        vec![user_account(user_id).into()],
+        "SELECT COALESCE((SELECT balance FROM account_balances WHERE account = $1), 0), \
+         (SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM reservations WHERE user_id = $2 AND state = 'open')",
+        vec![user_account(user_id).into(), user_id.into()],
     )
 }
 

@@ -13,6 +13,14 @@
 //!   granted but has not committed yet ("held"); its row is written with
 //!   the next commit. A crash before that commit loses only reservations
 //!   of requests that never settled, which recovery would have released.
+//! - Most reservations do not even reach the thread: each exact decision
+//!   publishes the user's remaining headroom, and later reservations that
+//!   fit in it are granted on the caller's thread (a lock and a push).
+//!   The headroom only shrinks until the next exact decision, which runs
+//!   when a reservation does not fit (after a top-up, say). Headroom
+//!   carries an epoch: a fast grant the writer had not taken when it
+//!   published a newer headroom is taken off that one too, so nothing is
+//!   granted twice.
 //! - Settlements and releases are answered after their commit. They wait
 //!   up to [`LINGER`] for company (nobody holds a client's reply on them),
 //!   so at any load a commit carries several requests.
@@ -26,6 +34,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::{params_from_iter, Connection, OpenFlags, OptionalExtension};
@@ -41,7 +50,7 @@ const QUEUE: usize = 4096;
 const BATCH: usize = 256;
 /// How long a batch of settlements and reservation rows waits for company
 /// before its commit.
-const LINGER: Duration = Duration::from_millis(2);
+const LINGER: Duration = Duration::from_millis(10);
 /// How often the checkpointer moves the log into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
@@ -115,18 +124,45 @@ struct Job {
 enum Work {
     Job(Box<Job>),
     /// A granted reservation's row.
-    Hold {
-        request_id: String,
-        user_id: String,
-        amount: i64,
-        owner: String,
-        created_ms: i64,
-    },
+    Hold(HoldRow),
+}
+
+/// A reservation's row, granted and not yet written.
+struct HoldRow {
+    request_id: String,
+    user_id: String,
+    amount: i64,
+    owner: String,
+    created_ms: i64,
+}
+
+/// Reservations granted without a trip to the writer thread.
+#[derive(Default)]
+struct FastPath {
+    /// Per user: what may still be reserved, and the epoch of the exact
+    /// decision that published it.
+    headroom: HashMap<String, (i64, u64)>,
+    /// Granted here, not yet taken by the writer, with their epochs.
+    holds: Vec<(HoldRow, u64)>,
+    epoch: u64,
+}
+
+/// Users whose headroom is kept, at most.
+const MAX_HEADROOMS: usize = 100_000;
+/// How often an idle writer takes the reservations granted without it.
+const SWEEP: Duration = Duration::from_millis(100);
+
+fn lock(fast: &Mutex<FastPath>) -> std::sync::MutexGuard<'_, FastPath> {
+    match fast.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
 }
 
 /// Handle to the writer thread; the thread ends when the last handle drops.
 pub(crate) struct Writer {
     tx: flume::Sender<Job>,
+    fast: Arc<Mutex<FastPath>>,
 }
 
 impl Writer {
@@ -140,6 +176,8 @@ impl Writer {
         // The checkpointer is the only connection that checkpoints.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let (tx, rx) = flume::bounded(QUEUE);
+        let fast = Arc::new(Mutex::new(FastPath::default()));
+        let thread_fast = fast.clone();
         let (stop_tx, stop_rx) = std_mpsc::channel::<()>();
         let checkpoint_conn = open(&path)?;
         std::thread::Builder::new()
@@ -149,11 +187,49 @@ impl Writer {
         std::thread::Builder::new()
             .name("sluice-ledger".into())
             .spawn(move || {
-                run(conn, rx);
+                run(conn, rx, thread_fast);
                 drop(stop_tx);
             })
             .map_err(|e| StoreError::Invalid(format!("cannot start the ledger writer: {e}")))?;
-        Ok(Some(Writer { tx }))
+        Ok(Some(Writer { tx, fast }))
+    }
+
+    /// Holds `amount` for a request: on this thread when the user's
+    /// headroom covers it, else by an exact decision on the writer thread.
+    pub async fn reserve(
+        &self,
+        request_id: &str,
+        user_id: &str,
+        amount: i64,
+        owner: &str,
+    ) -> Result<bool> {
+        {
+            let mut fast = lock(&self.fast);
+            if let Some((room, epoch)) = fast.headroom.get_mut(user_id) {
+                if *room >= amount {
+                    *room -= amount;
+                    let epoch = *epoch;
+                    fast.holds.push((
+                        HoldRow {
+                            request_id: request_id.to_string(),
+                            user_id: user_id.to_string(),
+                            amount,
+                            owner: owner.to_string(),
+                            created_ms: now_ms(),
+                        },
+                        epoch,
+                    ));
+                    return Ok(true);
+                }
+            }
+        }
+        let op = Op::Reserve {
+            request_id: request_id.to_string(),
+            user_id: user_id.to_string(),
+            amount,
+            owner: owner.to_string(),
+        };
+        Ok(matches!(self.call(op).await?, Reply::Flag(true)))
     }
 
     pub async fn call(&self, op: Op) -> Result<Reply> {
@@ -196,6 +272,7 @@ fn open(path: &Path) -> Result<Connection> {
 
 struct State {
     conn: Connection,
+    fast: Arc<Mutex<FastPath>>,
     batch: Vec<Work>,
     /// Per user: reservations granted but not committed yet.
     held: HashMap<String, i64>,
@@ -205,9 +282,10 @@ struct State {
     now: bool,
 }
 
-fn run(conn: Connection, rx: flume::Receiver<Job>) {
+fn run(conn: Connection, rx: flume::Receiver<Job>, fast: Arc<Mutex<FastPath>>) {
     let mut st = State {
         conn,
+        fast,
         batch: Vec::with_capacity(BATCH),
         held: HashMap::new(),
         deadline: None,
@@ -215,9 +293,19 @@ fn run(conn: Connection, rx: flume::Receiver<Job>) {
     };
     loop {
         let next = if st.batch.is_empty() {
-            match rx.recv() {
+            match rx.recv_timeout(SWEEP) {
                 Ok(job) => Some(job),
-                Err(_) => return,
+                Err(flume::RecvTimeoutError::Timeout) => {
+                    st.take_fast_holds();
+                    continue;
+                }
+                Err(flume::RecvTimeoutError::Disconnected) => {
+                    st.take_fast_holds();
+                    if !st.batch.is_empty() {
+                        st.commit();
+                    }
+                    return;
+                }
             }
         } else if st.batch.len() >= BATCH {
             None
@@ -231,13 +319,58 @@ fn run(conn: Connection, rx: flume::Receiver<Job>) {
         };
         match next {
             Some(job) => st.accept(job),
-            None => st.commit(),
+            None => {
+                st.take_fast_holds();
+                st.commit();
+            }
         }
     }
 }
 
 impl State {
+    /// Takes the reservations granted without the thread into the batch
+    /// (before any other work: a settlement closes its reservation's row).
+    fn take_fast_holds(&mut self) {
+        let holds = {
+            let mut fast = lock(&self.fast);
+            let holds = std::mem::take(&mut fast.holds);
+            for (h, epoch) in &holds {
+                // Granted from an older headroom than the user's current
+                // one, which was computed without it: take it off that one.
+                if let Some((room, current)) = fast.headroom.get_mut(&h.user_id) {
+                    if *current > *epoch {
+                        *room -= h.amount;
+                    }
+                }
+            }
+            holds
+        };
+        for (h, _) in holds {
+            *self.held.entry(h.user_id.clone()).or_insert(0) += h.amount;
+            self.push_hold(h);
+        }
+    }
+
+    fn push_hold(&mut self, h: HoldRow) {
+        self.batch.push(Work::Hold(h));
+        // The row should not wait long: other processes read the table.
+        let until = Instant::now() + LINGER;
+        self.deadline = Some(self.deadline.map_or(until, |d| d.min(until)));
+    }
+
+    /// Publishes what a user may still reserve without the thread.
+    fn publish(&self, user_id: &str, room: i64) {
+        let mut fast = lock(&self.fast);
+        fast.epoch += 1;
+        let epoch = fast.epoch;
+        if fast.headroom.len() >= MAX_HEADROOMS && !fast.headroom.contains_key(user_id) {
+            fast.headroom.clear();
+        }
+        fast.headroom.insert(user_id.to_string(), (room, epoch));
+    }
+
     fn accept(&mut self, job: Job) {
+        self.take_fast_holds();
         match &job.op {
             Op::Reserve {
                 request_id,
@@ -271,18 +404,14 @@ impl State {
 
     /// Committed (ledger balance, open reservations) of a user.
     fn balance(&self, user_id: &str) -> Result<(i64, i64)> {
-        let q = sql::balance(user_id);
-        let ledger: Option<i64> = self
+        // One statement: one read transaction (and one set of locks).
+        let q = sql::balance_and_reserved(user_id);
+        Ok(self
             .conn
             .prepare_cached(&q.sql)?
-            .query_row(params_from_iter(q.vals.iter()), |r| r.get(0))
-            .optional()?;
-        let q = sql::reserved(user_id);
-        let reserved: i64 = self
-            .conn
-            .prepare_cached(&q.sql)?
-            .query_row(params_from_iter(q.vals.iter()), |r| r.get(0))?;
-        Ok((ledger.unwrap_or(0), reserved))
+            .query_row(params_from_iter(q.vals.iter()), |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?)
     }
 
     fn reserve(
@@ -294,20 +423,20 @@ impl State {
     ) -> Result<bool> {
         let (ledger, reserved) = self.balance(user_id)?;
         let held = self.held.get(user_id).copied().unwrap_or(0);
-        if ledger - reserved - held < amount {
+        let available = ledger - reserved - held;
+        if available < amount {
+            self.publish(user_id, available);
             return Ok(false);
         }
+        self.publish(user_id, available - amount);
         *self.held.entry(user_id.to_string()).or_insert(0) += amount;
-        self.batch.push(Work::Hold {
+        self.push_hold(HoldRow {
             request_id: request_id.to_string(),
             user_id: user_id.to_string(),
             amount,
             owner: owner.to_string(),
             created_ms: now_ms(),
         });
-        // The row should not wait long: other processes read the table.
-        let until = Instant::now() + LINGER;
-        self.deadline = Some(self.deadline.map_or(until, |d| d.min(until)));
         Ok(true)
     }
 
@@ -319,12 +448,12 @@ impl State {
                 Work::Job(job) => {
                     let _ = job.reply.send(result);
                 }
-                Work::Hold {
+                Work::Hold(HoldRow {
                     request_id,
                     user_id,
                     amount,
                     ..
-                } => {
+                }) => {
                     // Committed: the table holds it now. Failed: nothing
                     // holds it (the request goes on; its settlement charges).
                     if let Some(h) = self.held.get_mut(&user_id) {
@@ -384,13 +513,13 @@ fn exec(conn: &Connection, s: &Stmt) -> Result<usize> {
 
 fn apply(conn: &Connection, work: &Work) -> Result<Reply> {
     let op = match work {
-        Work::Hold {
+        Work::Hold(HoldRow {
             request_id,
             user_id,
             amount,
             owner,
             created_ms,
-        } => {
+        }) => {
             let s = sql::hold(request_id, user_id, *amount, owner, *created_ms);
             exec(conn, &s)?;
             return Ok(Reply::Done);

@@ -114,6 +114,51 @@ async fn reservation_refused_when_balance_is_short() {
     assert_eq!(store.balance(&user).await.unwrap().available(), 40);
 }
 
+/// Concurrent reservations, most granted from published headroom without
+/// the writer thread, never hold more than the balance; releases and
+/// top-ups are seen by the next exact decision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reservations_never_exceed_the_balance() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_data_dir(dir.path()).await.unwrap();
+    let user = store.create_user("p", "paid").await.unwrap();
+    store.add_funds(&user, 1_000).await.unwrap();
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let (store, user) = (store.clone(), user.clone());
+            tokio::spawn(async move { store.reserve(&format!("r{i}"), &user, 7, "o").await })
+        })
+        .collect();
+    let mut granted = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        if t.await.unwrap().unwrap() {
+            granted.push(i);
+        }
+    }
+    assert_eq!(granted.len(), 1_000 / 7);
+    let bal = store.balance(&user).await.unwrap();
+    assert_eq!(bal.reserved, 7 * granted.len() as i64);
+    // Freed funds and a top-up become grantable again.
+    for i in &granted[..10] {
+        store.release(&format!("r{i}")).await.unwrap();
+    }
+    assert!(store
+        .reserve("after-release", &user, 70, "o")
+        .await
+        .unwrap());
+    assert!(!store.reserve("too-much", &user, 7, "o").await.unwrap());
+    store.add_funds(&user, 500).await.unwrap();
+    assert!(store.reserve("after-topup", &user, 500, "o").await.unwrap());
+    assert_eq!(store.balance(&user).await.unwrap().available(), 1_000 % 7);
+    // Every granted reservation reaches the table.
+    store.close().await;
+    let again = Store::open_data_dir(dir.path()).await.unwrap();
+    assert_eq!(
+        again.balance(&user).await.unwrap().reserved,
+        1_000 - 1_000 % 7 + 500
+    );
+}
+
 #[tokio::test]
 async fn daily_counter_is_exact() {
     let dir = tempfile::tempdir().unwrap();
