@@ -198,17 +198,32 @@ async fn invoke(State(state): State<MinerState>, headers: HeaderMap, body: Bytes
         return reject(StatusCode::NOT_FOUND, "model not served here");
     }
     let span = tracing::info_span!("invoke", request_id = %req.request_id);
-    let _enter = span.enter();
-    let events = match state.engine.generate(req) {
-        Ok(s) => s,
-        Err(EngineError::Busy) => return reject(StatusCode::SERVICE_UNAVAILABLE, "at capacity"),
-        Err(e) => return reject(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    let events = {
+        let _enter = span.enter();
+        match state.engine.generate(req) {
+            Ok(s) => s,
+            Err(EngineError::Busy) => {
+                return reject(StatusCode::SERVICE_UNAVAILABLE, "at capacity")
+            }
+            Err(e) => return reject(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        }
     };
-    tracing::info!("generation started");
-    let frames = events.map(|ev: InvokeEvent| {
-        let payload = serde_json::to_string(&ev).unwrap_or_else(|_| "{}".into());
-        Ok::<_, std::convert::Infallible>(Bytes::from(encode_data(&payload)))
-    });
+    // Events that are ready together leave in one write, and the headers
+    // wait for the first event: a burst from a fast engine is one or two
+    // TCP segments, not one per event.
+    let mut chunks = events.ready_chunks(64);
+    let first = chunks.next().instrument(span.clone()).await;
+    span.in_scope(|| tracing::info!("generation started"));
+    let frames = futures_util::stream::iter(first)
+        .chain(chunks)
+        .map(|events: Vec<InvokeEvent>| {
+            let mut frame = String::new();
+            for ev in &events {
+                let payload = serde_json::to_string(ev).unwrap_or_else(|_| "{}".into());
+                frame.push_str(&encode_data(&payload));
+            }
+            Ok::<_, std::convert::Infallible>(Bytes::from(frame))
+        });
     Response::builder()
         .header("content-type", "text/event-stream")
         .body(Body::from_stream(frames))

