@@ -234,7 +234,7 @@ async fn start_llama_server(
         &(SLOTS * CONTEXT_PER_SLOT).to_string(),
         "--parallel",
         &SLOTS.to_string(),
-        "--no-kv-unified",
+        "--kv-unified",
         "--cache-ram",
         "0",
         "--jinja",
