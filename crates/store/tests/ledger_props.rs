@@ -159,6 +159,52 @@ async fn concurrent_reservations_never_exceed_the_balance() {
     );
 }
 
+/// A write that fails (a duplicate request row) leaves the rest of its
+/// batch committed: the settlement that shared its commit still counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_write_does_not_undo_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_data_dir(dir.path()).await.unwrap();
+    let user = store.create_user("p", "paid").await.unwrap();
+    store.add_funds(&user, 1_000).await.unwrap();
+    assert!(store.reserve("ok", &user, 100, "o").await.unwrap());
+    let row = sluice_store::RequestRecord {
+        id: "dup".into(),
+        user_id: user.clone(),
+        key_id: "k".into(),
+        model: "m".into(),
+        kind: "chat".into(),
+        stream: false,
+        miner_key: None,
+        status: "ok".into(),
+        http_status: 200,
+        prompt_tokens: 1,
+        completion_tokens: 1,
+        attempts: 1,
+        queue_ms: 0,
+        ttft_ms: None,
+        latency_ms: 1,
+        created_ms: 1,
+        cost: 0,
+    };
+    store.record_request(&row).await.unwrap();
+    let settlement = Settlement {
+        request_id: "ok".into(),
+        user_id: user.clone(),
+        user_pays: true,
+        cost: 60,
+        credits: vec![("m".into(), 50)],
+        fee: 10,
+    };
+    // Settlements wait for company, so both land in one batch.
+    let (dup, settled) = tokio::join!(store.record_request(&row), store.settle(&settlement));
+    assert!(dup.is_err(), "a duplicate request row must fail");
+    assert!(settled.unwrap());
+    let bal = store.balance(&user).await.unwrap();
+    assert_eq!((bal.ledger, bal.reserved), (940, 0));
+    assert!(store.ledger_check().await.unwrap().is_balanced());
+}
+
 #[tokio::test]
 async fn daily_counter_is_exact() {
     let dir = tempfile::tempdir().unwrap();
