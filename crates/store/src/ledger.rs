@@ -199,11 +199,13 @@ impl Store {
                 other => Err(StoreError::Invalid(format!("unexpected reply {other:?}"))),
             };
         }
-        let ledger = self.sum_account(&user_account(user_id)).await?;
-        let row = sql::reserved(user_id).sqlx().fetch_one(self.pool()).await?;
+        let row = sql::balance_and_reserved(user_id)
+            .sqlx()
+            .fetch_one(self.pool())
+            .await?;
         Ok(Balance {
-            ledger,
-            reserved: row.try_get("s")?,
+            ledger: row.try_get(0)?,
+            reserved: row.try_get(1)?,
         })
     }
 

@@ -121,17 +121,9 @@ pub(crate) fn hold(
 /// reservations hold, in one row.
 pub(crate) fn balance_and_reserved(user_id: &str) -> Stmt {
     Stmt::new(
-        "SELECT COALESCE((SELECT balance FROM account_balances WHERE account = $1), 0), \
+        "SELECT CAST(COALESCE((SELECT balance FROM account_balances WHERE account = $1), 0) AS BIGINT), \
          (SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM reservations WHERE user_id = $2 AND state = 'open')",
         vec![user_account(user_id).into(), user_id.into()],
-    )
-}
-
-/// What a user's open reservations hold.
-pub(crate) fn reserved(user_id: &str) -> Stmt {
-    Stmt::new(
-        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS s FROM reservations WHERE user_id = $1 AND state = 'open'",
-        vec![user_id.into()],
     )
 }
 

@@ -136,6 +136,19 @@ struct HoldRow {
     created_ms: i64,
 }
 
+impl HoldRow {
+    /// A reservation granted now.
+    fn new(request_id: &str, user_id: &str, amount: i64, owner: &str) -> HoldRow {
+        HoldRow {
+            request_id: request_id.to_string(),
+            user_id: user_id.to_string(),
+            amount,
+            owner: owner.to_string(),
+            created_ms: now_ms(),
+        }
+    }
+}
+
 /// Reservations granted without a trip to the writer thread.
 #[derive(Default)]
 struct FastPath {
@@ -209,16 +222,8 @@ impl Writer {
                 if *room >= amount {
                     *room -= amount;
                     let epoch = *epoch;
-                    fast.holds.push((
-                        HoldRow {
-                            request_id: request_id.to_string(),
-                            user_id: user_id.to_string(),
-                            amount,
-                            owner: owner.to_string(),
-                            created_ms: now_ms(),
-                        },
-                        epoch,
-                    ));
+                    fast.holds
+                        .push((HoldRow::new(request_id, user_id, amount, owner), epoch));
                     return Ok(true);
                 }
             }
@@ -430,13 +435,7 @@ impl State {
         }
         self.publish(user_id, available - amount);
         *self.held.entry(user_id.to_string()).or_insert(0) += amount;
-        self.push_hold(HoldRow {
-            request_id: request_id.to_string(),
-            user_id: user_id.to_string(),
-            amount,
-            owner: owner.to_string(),
-            created_ms: now_ms(),
-        });
+        self.push_hold(HoldRow::new(request_id, user_id, amount, owner));
         Ok(true)
     }
 
@@ -562,8 +561,8 @@ fn apply(conn: &Connection, work: &Work) -> Result<Reply> {
         Op::Settle { settlement, record } => {
             let now = now_ms();
             let mut settled = false;
+            // The settlement's arithmetic was checked before it was queued.
             if let Some(s) = settlement {
-                sql::check_settlement(s).map_err(StoreError::Invalid)?;
                 if exec(conn, &sql::settlement_row(s, now))? == 1 {
                     settled = true;
                     for stmt in sql::settlement_entries(s, now) {
