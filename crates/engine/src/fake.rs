@@ -181,6 +181,7 @@ mod tests {
                 ..Default::default()
             },
             continuation: String::new(),
+            stream: true,
         }
     }
 

@@ -1,9 +1,11 @@
 //! The upstream engine: serves a chute by forwarding to any
 //! OpenAI-compatible server (vLLM, SGLang, llama.cpp's `llama-server`,
 //! Ollama, or the benchmark mock). Chat prompts go to
-//! `/v1/chat/completions`, text prompts to `/v1/completions`, always
-//! streamed with `stream_options.include_usage`, and the SSE chunks are
-//! mapped to [`InvokeEvent`]s.
+//! `/v1/chat/completions`, text prompts to `/v1/completions`. A streamed
+//! request is streamed upstream with `stream_options.include_usage` and the
+//! SSE chunks are mapped to [`InvokeEvent`]s; a request whose client waits
+//! for the whole answer asks for one JSON answer (one body to read and
+//! parse instead of a chunk per token) and maps it to the same events.
 //!
 //! Token counts come from the upstream's final usage chunk: the prompt
 //! length is only known then, so `Started` is sent just before `Done` (the
@@ -63,6 +65,9 @@ impl UpstreamConfig {
 pub struct UpstreamEngine {
     config: UpstreamConfig,
     base: String,
+    /// The two endpoints, parsed once.
+    chat_url: reqwest::Url,
+    completions_url: reqwest::Url,
     http: reqwest::Client,
     slots: Arc<Semaphore>,
     healthy: Arc<AtomicBool>,
@@ -83,6 +88,12 @@ impl UpstreamEngine {
             )));
         }
         let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed).to_string();
+        let url = |path: &str| {
+            reqwest::Url::parse(&format!("{base}{path}"))
+                .map_err(|e| EngineError::Invalid(format!("upstream url `{}`: {e}", config.url)))
+        };
+        let chat_url = url("/v1/chat/completions")?;
+        let completions_url = url("/v1/completions")?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(config.capacity as usize)
@@ -93,13 +104,15 @@ impl UpstreamEngine {
             slots: Arc::new(Semaphore::new(config.capacity as usize)),
             config,
             base,
+            chat_url,
+            completions_url,
             http,
             healthy: Arc::new(AtomicBool::new(true)),
         })
     }
 
-    /// The JSON body and endpoint path for one request.
-    fn body(&self, request: &InvokeRequest) -> (Value, &'static str, Kind) {
+    /// The JSON body and endpoint for one request.
+    fn body(&self, request: &InvokeRequest) -> (Value, &reqwest::Url, Kind) {
         let p = &request.params;
         let mut body = match &request.input {
             PromptInput::Chat { messages } => {
@@ -121,8 +134,10 @@ impl UpstreamEngine {
             }
         };
         body["model"] = json!(self.config.model_id);
-        body["stream"] = json!(true);
-        body["stream_options"] = json!({"include_usage": true});
+        body["stream"] = json!(request.stream);
+        if request.stream {
+            body["stream_options"] = json!({"include_usage": true});
+        }
         body["temperature"] = json!(p.temperature);
         body["top_p"] = json!(p.top_p);
         if let Some(m) = p.max_tokens {
@@ -135,8 +150,8 @@ impl UpstreamEngine {
             body["stop"] = json!(p.stop);
         }
         match request.input {
-            PromptInput::Chat { .. } => (body, "/v1/chat/completions", Kind::Chat),
-            PromptInput::Text { .. } => (body, "/v1/completions", Kind::Text),
+            PromptInput::Chat { .. } => (body, &self.chat_url, Kind::Chat),
+            PromptInput::Text { .. } => (body, &self.completions_url, Kind::Text),
         }
     }
 }
@@ -150,6 +165,8 @@ enum Kind {
 enum Phase {
     Send(reqwest::RequestBuilder),
     Streaming(reqwest::Response),
+    /// A non-streamed answer: one JSON body.
+    Whole(reqwest::Response),
     Finished,
 }
 
@@ -157,6 +174,7 @@ enum Phase {
 struct Run {
     phase: Phase,
     kind: Kind,
+    stream: bool,
     pending: VecDeque<InvokeEvent>,
     decoder: SseDecoder,
     chunks: u32,
@@ -189,6 +207,65 @@ impl Run {
         self.phase = Phase::Finished;
     }
 
+    /// Takes an `error` object and the usage out of one upstream JSON
+    /// value; false when it was an error (the run has failed).
+    fn usage_or_error(&mut self, v: &Value) -> bool {
+        if let Some(err) = v.get("error") {
+            let message = err["message"]
+                .as_str()
+                .or_else(|| err.as_str())
+                .unwrap_or("upstream error");
+            self.fail(format!("upstream: {message}"), true);
+            return false;
+        }
+        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+            let n = |k: &str| u[k].as_u64().map(|x| x.min(u32::MAX as u64) as u32);
+            if let (Some(p), Some(c)) = (n("prompt_tokens"), n("completion_tokens")) {
+                self.usage = Some((p, c));
+            }
+        }
+        true
+    }
+
+    fn finish_reason(&mut self, choice: &Value) {
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            self.finish = Some(if reason == "length" {
+                FinishReason::Length
+            } else {
+                FinishReason::Stop
+            });
+        }
+    }
+
+    /// Handles a whole non-streamed answer.
+    fn whole(&mut self, body: &[u8]) {
+        let Ok(v) = serde_json::from_slice::<Value>(body) else {
+            self.fail("upstream sent a malformed answer".into(), true);
+            return;
+        };
+        if !self.usage_or_error(&v) {
+            return;
+        }
+        let Some(choice) = v["choices"].get(0) else {
+            self.fail("upstream answer has no choices".into(), true);
+            return;
+        };
+        let text = match self.kind {
+            Kind::Chat => choice["message"]["content"].as_str(),
+            Kind::Text => choice["text"].as_str(),
+        };
+        if let Some(t) = text.filter(|t| !t.is_empty()) {
+            let tokens = self.usage.map_or(1, |(_, c)| c.max(1));
+            self.chunks = tokens;
+            self.pending.push_back(InvokeEvent::Text {
+                text: t.to_string(),
+                tokens,
+            });
+        }
+        self.finish_reason(choice);
+        self.done();
+    }
+
     /// Handles one SSE payload.
     fn payload(&mut self, payload: &str) {
         if payload == DONE {
@@ -199,19 +276,8 @@ impl Run {
             self.fail("upstream sent a malformed stream chunk".into(), true);
             return;
         };
-        if let Some(err) = v.get("error") {
-            let message = err["message"]
-                .as_str()
-                .or_else(|| err.as_str())
-                .unwrap_or("upstream error");
-            self.fail(format!("upstream: {message}"), true);
+        if !self.usage_or_error(&v) {
             return;
-        }
-        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-            let n = |k: &str| u[k].as_u64().map(|x| x.min(u32::MAX as u64) as u32);
-            if let (Some(p), Some(c)) = (n("prompt_tokens"), n("completion_tokens")) {
-                self.usage = Some((p, c));
-            }
         }
         let Some(choice) = v["choices"].get(0) else {
             return;
@@ -227,13 +293,7 @@ impl Run {
                 tokens: 1,
             });
         }
-        if let Some(reason) = choice["finish_reason"].as_str() {
-            self.finish = Some(if reason == "length" {
-                FinishReason::Length
-            } else {
-                FinishReason::Stop
-            });
-        }
+        self.finish_reason(choice);
     }
 
     /// Advances until an event is ready or the run is over.
@@ -263,8 +323,16 @@ impl Run {
                     }
                     Ok(resp) => {
                         self.healthy.store(true, Ordering::Relaxed);
-                        self.phase = Phase::Streaming(resp);
+                        self.phase = if self.stream {
+                            Phase::Streaming(resp)
+                        } else {
+                            Phase::Whole(resp)
+                        };
                     }
+                },
+                Phase::Whole(resp) => match resp.bytes().await {
+                    Ok(body) => self.whole(&body),
+                    Err(e) => self.fail(format!("upstream answer broke: {e}"), true),
                 },
                 Phase::Streaming(mut resp) => match resp.chunk().await {
                     Ok(Some(bytes)) => {
@@ -305,11 +373,16 @@ impl Engine for UpstreamEngine {
             .clone()
             .try_acquire_owned()
             .map_err(|_| EngineError::Busy)?;
-        let (body, path, kind) = self.body(&request);
+        let (body, url, kind) = self.body(&request);
+        let accept = if request.stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
         let mut builder = self
             .http
-            .post(format!("{}{path}", self.base))
-            .header("accept", "text/event-stream")
+            .post(url.clone())
+            .header("accept", accept)
             .json(&body);
         if let Some(key) = &self.config.api_key {
             builder = builder.bearer_auth(key);
@@ -317,6 +390,7 @@ impl Engine for UpstreamEngine {
         let run = Run {
             phase: Phase::Send(builder),
             kind,
+            stream: request.stream,
             pending: VecDeque::new(),
             decoder: SseDecoder::new(),
             chunks: 0,
@@ -379,6 +453,7 @@ mod tests {
                 ..Default::default()
             },
             continuation: continuation.into(),
+            stream: true,
         }
     }
 
@@ -427,6 +502,55 @@ mod tests {
         assert_eq!(sent["seed"], 7);
         assert_eq!(sent["stop"][0], "\n\n");
         assert!(sent.get("continue_final_message").is_none());
+        assert_eq!(e.in_flight(), 0);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn unstreamed_requests_get_one_answer_as_one_text_event() {
+        let (m, stop) = mock().await;
+        let e = engine(&m, "mock-model", 2);
+        let mut req = chat("mock-model", "");
+        req.stream = false;
+        let events: Vec<_> = e.generate(req.clone()).unwrap().collect().await;
+        assert_eq!(
+            events,
+            vec![
+                InvokeEvent::Text {
+                    text: mock::answer(),
+                    tokens: COMPLETION_TOKENS,
+                },
+                InvokeEvent::Started {
+                    prompt_tokens: PROMPT_TOKENS
+                },
+                InvokeEvent::Done {
+                    finish_reason: FinishReason::Stop,
+                    prompt_tokens: PROMPT_TOKENS,
+                    completion_tokens: COMPLETION_TOKENS,
+                },
+            ]
+        );
+        let sent = m.last_request().unwrap();
+        assert_eq!(sent["stream"], false);
+        assert!(sent.get("stream_options").is_none());
+        // Text prompts take the same way through /v1/completions.
+        req.input = PromptInput::Text {
+            prompt: "Once".into(),
+        };
+        let events: Vec<_> = e.generate(req).unwrap().collect().await;
+        assert_eq!(text_of(&events), mock::answer());
+        assert_eq!(m.last_request().unwrap()["prompt"], "Once");
+        // Upstream failures are the same error events as when streaming.
+        for (model, retryable) in [("fail-500", true), ("fail-400", false)] {
+            let e = engine(&m, model, 1);
+            let mut req = chat(model, "");
+            req.stream = false;
+            let events: Vec<_> = e.generate(req).unwrap().collect().await;
+            match events.as_slice() {
+                [InvokeEvent::Error { retryable: r, .. }] => assert_eq!(*r, retryable, "{model}"),
+                other => panic!("{model}: {other:?}"),
+            }
+        }
         assert_eq!(e.in_flight(), 0);
         stop.cancel();
     }

@@ -37,6 +37,7 @@ fn request(prompt: &str, max: u32, continuation: &str) -> InvokeRequest {
             ..Default::default()
         },
         continuation: continuation.into(),
+        stream: true,
     }
 }
 

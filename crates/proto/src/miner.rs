@@ -76,6 +76,15 @@ pub struct InvokeRequest {
     /// the engine appends it to the rendered prompt and continues from there.
     #[serde(default)]
     pub continuation: String,
+    /// Whether the client reads the answer as it is produced. When false an
+    /// engine may produce it in one piece: the upstream engine then asks its
+    /// server for one JSON answer instead of a stream of chunks.
+    #[serde(default = "streamed")]
+    pub stream: bool,
+}
+
+fn streamed() -> bool {
+    true
 }
 
 /// Why a generation ended.
@@ -337,6 +346,7 @@ mod tests {
             },
             params: GenerationParams::default(),
             continuation: String::new(),
+            stream: false,
         };
         let v = serde_json::to_value(&req).unwrap();
         assert_eq!(v["input"]["kind"], "chat");

@@ -427,6 +427,7 @@ async fn handle(
         params,
         deadline: arrived + wait,
         priority: u8::from(caller.tier == "paid"),
+        stream,
     };
     let record = RecordBase {
         id: id.to_string(),

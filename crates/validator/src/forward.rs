@@ -38,6 +38,8 @@ pub struct Job {
     pub deadline: Instant,
     /// Queue priority (paid before free).
     pub priority: u8,
+    /// Whether the client reads the answer as it is produced.
+    pub stream: bool,
 }
 
 /// Tokens served by one miner for one request.
@@ -191,6 +193,7 @@ pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> 
             input: job.input.clone(),
             params,
             continuation: produced.clone(),
+            stream: job.stream,
         };
         let outcome = attempt(
             &state,
@@ -298,15 +301,17 @@ async fn attempt(
         };
         let mac = invoke_mac_hex(&key, &invoke.request_id, ts, &body);
         let sent = Instant::now();
-        let url = format!(
-            "{}/v1/invoke",
-            lease.instance.endpoint.trim_end_matches('/')
-        );
+        let Some(url) = lease.instance.invoke_url.clone() else {
+            return Attempt::Failed {
+                tokens: 0,
+                why: format!("the endpoint {} is not a URL", lease.instance.endpoint),
+            };
+        };
         let first_timeout = Duration::from_secs_f64(state.config.first_token_timeout_s);
         let stall_timeout = Duration::from_secs_f64(state.config.stall_timeout_s);
         let request = state
             .http
-            .post(&url)
+            .post(url)
             .header("content-type", "application/json")
             .header(HDR_REQUEST_ID, &invoke.request_id)
             .header(HDR_TIMESTAMP, ts.to_string())

@@ -100,7 +100,9 @@ async fn register_inner(
         &req.signature,
     )
     .map_err(|e| ApiError::Forbidden(format!("registration signature: {e}")))?;
-    if !(req.endpoint.starts_with("http://") || req.endpoint.starts_with("https://")) {
+    if !(req.endpoint.starts_with("http://") || req.endpoint.starts_with("https://"))
+        || crate::registry::invoke_url(&req.endpoint).is_none()
+    {
         return Err(ApiError::invalid(
             "endpoint must be an http(s) URL",
             Some("endpoint".to_string()),

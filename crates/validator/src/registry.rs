@@ -43,6 +43,8 @@ pub struct Instance {
     pub id: String,
     pub miner_key: String,
     pub endpoint: String,
+    /// `<endpoint>/v1/invoke`, parsed once (`None`: not a URL).
+    pub invoke_url: Option<reqwest::Url>,
     pub model: String,
     pub capacity: u32,
     pub context_length: u32,
@@ -58,6 +60,11 @@ pub struct Instance {
     pub breaker: Breaker,
 }
 
+/// Where a miner at `endpoint` takes invocations.
+pub fn invoke_url(endpoint: &str) -> Option<reqwest::Url> {
+    reqwest::Url::parse(&format!("{}/v1/invoke", endpoint.trim_end_matches('/'))).ok()
+}
+
 impl Instance {
     pub fn new(
         id: String,
@@ -71,6 +78,7 @@ impl Instance {
             id,
             miner_key: miner_key.to_string(),
             endpoint: endpoint.to_string(),
+            invoke_url: invoke_url(endpoint),
             model: model.to_string(),
             capacity: capacity.max(1),
             context_length,

@@ -115,6 +115,7 @@ impl Contender {
                         ..Default::default()
                     },
                     continuation: String::new(),
+                    stream: true,
                 })?;
                 let mut ttft = None;
                 while let Some(ev) = events.next().await {
