@@ -10,6 +10,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_ledger.sql")),
     (3, include_str!("../migrations/0003_balances.sql")),
+    (
+        4,
+        include_str!("../migrations/0004_drop_ledger_txn_index.sql"),
+    ),
 ];
 
 pub async fn run(pool: &AnyPool, backend: Backend) -> Result<()> {

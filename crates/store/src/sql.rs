@@ -182,8 +182,18 @@ pub(crate) fn check_settlement(s: &Settlement) -> Result<(), String> {
 
 /// The ledger entries of a settlement (empty when it costs nothing).
 pub(crate) fn settlement_entries(s: &Settlement, now: i64) -> Vec<Stmt> {
+    match settlement_parts(s, now) {
+        Some((entries, deltas)) if deltas.is_empty() => vec![entries],
+        Some((entries, deltas)) => vec![entries, balances_upsert(&deltas)],
+        None => Vec::new(),
+    }
+}
+
+/// A settlement's entries statement and the balance change of every
+/// account it moves (`None` when it costs nothing).
+pub(crate) fn settlement_parts(s: &Settlement, now: i64) -> Option<(Stmt, Vec<(String, i64)>)> {
     if s.cost <= 0 {
-        return Vec::new();
+        return None;
     }
     let payer = if s.user_pays {
         user_account(&s.user_id)
@@ -195,7 +205,7 @@ pub(crate) fn settlement_entries(s: &Settlement, now: i64) -> Vec<Stmt> {
         entries.push((miner_account(miner), *credit, "serving"));
     }
     entries.push((FEES_ACCOUNT.to_string(), s.fee, "fee"));
-    entries_stmts(&format!("req-{}", s.request_id), entries, now)
+    entries_parts(&format!("req-{}", s.request_id), entries, now)
 }
 
 /// One transaction's entries and the running balances they move, in two
@@ -206,6 +216,20 @@ pub(crate) fn entries_stmts(
     entries: Vec<(String, i64, &'static str)>,
     now: i64,
 ) -> Vec<Stmt> {
+    match entries_parts(txn, entries, now) {
+        Some((entries, deltas)) if deltas.is_empty() => vec![entries],
+        Some((entries, deltas)) => vec![entries, balances_upsert(&deltas)],
+        None => Vec::new(),
+    }
+}
+
+/// The entries statement of one transaction and its balance change per
+/// account (one per account, non-zero); `None` when nothing moves.
+fn entries_parts(
+    txn: &str,
+    entries: Vec<(String, i64, &'static str)>,
+    now: i64,
+) -> Option<(Stmt, Vec<(String, i64)>)> {
     let mut merged: Vec<(String, i64, &'static str)> = Vec::new();
     for (account, amount, kind) in entries {
         match merged
@@ -218,7 +242,7 @@ pub(crate) fn entries_stmts(
     }
     merged.retain(|(_, amount, _)| *amount != 0);
     if merged.is_empty() {
-        return Vec::new();
+        return None;
     }
     let rows: Vec<String> = (0..merged.len())
         .map(|i| {
@@ -252,31 +276,35 @@ pub(crate) fn entries_stmts(
         ),
         vals,
     );
-    // One balance row per account (PostgreSQL refuses to update a row twice
-    // in one statement).
-    let mut per_account: Vec<(String, i64)> = Vec::new();
+    let mut deltas: Vec<(String, i64)> = Vec::new();
     for (account, amount, _) in merged {
-        match per_account.iter_mut().find(|(a, _)| *a == account) {
+        match deltas.iter_mut().find(|(a, _)| *a == account) {
             Some(e) => e.1 += amount,
-            None => per_account.push((account, amount)),
+            None => deltas.push((account, amount)),
         }
     }
-    let rows: Vec<String> = (0..per_account.len())
+    deltas.retain(|(_, amount)| *amount != 0);
+    Some((entries, deltas))
+}
+
+/// Moves running balances by the given amounts: one row per account
+/// (PostgreSQL refuses to update a row twice in one statement).
+pub(crate) fn balances_upsert(deltas: &[(String, i64)]) -> Stmt {
+    let rows: Vec<String> = (0..deltas.len())
         .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
         .collect();
-    let vals = per_account
-        .into_iter()
-        .flat_map(|(account, amount)| [Val::Text(account), Val::Int(amount)])
+    let vals = deltas
+        .iter()
+        .flat_map(|(account, amount)| [Val::Text(account.clone()), Val::Int(*amount)])
         .collect();
-    let balances = Stmt::new(
+    Stmt::new(
         format!(
             "INSERT INTO account_balances (account, balance) VALUES {} \
              ON CONFLICT (account) DO UPDATE SET balance = account_balances.balance + excluded.balance",
             rows.join(", ")
         ),
         vals,
-    );
-    vec![entries, balances]
+    )
 }
 
 pub(crate) fn request_row(r: &RequestRecord) -> Stmt {

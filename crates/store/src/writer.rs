@@ -10,9 +10,7 @@
 //! What each caller is promised:
 //! - A reservation is decided at once, against the committed balance
 //!   minus committed open reservations minus the reservations this writer
-//!   granted but has not committed yet ("held"); its row is written with
-//!   the next commit. A crash before that commit loses only reservations
-//!   of requests that never settled, which recovery would have released.
+//!   granted and has not written ("held").
 //! - Most reservations do not even reach the thread: each exact decision
 //!   publishes the user's remaining headroom, and later reservations that
 //!   fit in it are granted on the caller's thread (a lock and a push).
@@ -20,16 +18,26 @@
 //!   when a reservation does not fit (after a top-up, say). Headroom
 //!   carries an epoch: a fast grant the writer had not taken when it
 //!   published a newer headroom is taken off that one too, so nothing is
-//!   granted twice.
+//!   granted twice. An exact decision counts the grants made while it read
+//!   the database and publishes under the same lock, so no grant slips
+//!   between what it counted and what it publishes.
+//! - A reservation's row is written only once it has been open for
+//!   [`HOLD_UNWRITTEN`]: a request that settles or is released sooner (nearly
+//!   all of them) never writes one, and its settlement is the only write.
+//!   Until then the writer's own tally holds the funds. A crash loses only
+//!   unwritten reservations of requests that never settled, which recovery
+//!   would have released anyway.
 //! - Settlements and releases are answered after their commit. They wait
 //!   up to [`LINGER`] for company (nobody holds a client's reply on them),
-//!   so at any load a commit carries several requests.
+//!   so at any load a commit carries several requests. They reach the
+//!   thread through a list the thread takes when the batch closes, so only
+//!   the first of a batch wakes it.
 //! - Daily quota units and recovery are committed before the answer.
 //!
 //! A failing operation undoes only itself (the batch is run again with a
-//! savepoint per operation when one fails). The queue is bounded: callers wait when it is full. Checkpoints
-//! of the write-ahead log run on a second thread so that the writer never
-//! waits on an fsync of the database file.
+//! savepoint per operation when one fails). The queue is bounded: callers
+//! wait when it is full. Checkpoints of the write-ahead log run on a second
+//! thread so that the writer never waits on an fsync of the database file.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,9 +56,13 @@ use crate::{now_ms, RequestRecord, Result, StoreError};
 const QUEUE: usize = 4096;
 /// Items committed together, at most.
 const BATCH: usize = 256;
-/// How long a batch of settlements and reservation rows waits for company
-/// before its commit.
+/// How long a batch of settlements and releases waits for company before
+/// its commit.
 const LINGER: Duration = Duration::from_millis(10);
+/// How long a granted reservation may stay without a row.
+const HOLD_UNWRITTEN: Duration = Duration::from_secs(1);
+/// Accounts per balance statement at the end of a batch.
+const DELTAS_PER_STATEMENT: usize = 200;
 /// How often the checkpointer moves the log into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
@@ -120,9 +132,21 @@ struct Job {
     reply: oneshot::Sender<Result<Reply>>,
 }
 
+/// What reaches the thread through its channel.
+enum Msg {
+    Job(Job),
+    /// Operations wait in [`FastPath::lingering`]: start the batch clock.
+    Linger,
+}
+
 /// Work in the current batch.
 enum Work {
-    Job(Box<Job>),
+    Job {
+        job: Box<Job>,
+        /// The reservation a settlement or release closes, when it was
+        /// never written: no row to close.
+        unwritten: Option<HoldRow>,
+    },
     /// A granted reservation's row.
     Hold(HoldRow),
 }
@@ -158,6 +182,18 @@ struct FastPath {
     /// Granted here, not yet taken by the writer, with their epochs.
     holds: Vec<(HoldRow, u64)>,
     epoch: u64,
+    /// Settlements and releases waiting for the next commit.
+    lingering: Vec<Job>,
+}
+
+/// Publishes what a user may still reserve without the thread.
+fn publish(fast: &mut FastPath, user_id: &str, room: i64) {
+    fast.epoch += 1;
+    let epoch = fast.epoch;
+    if fast.headroom.len() >= MAX_HEADROOMS && !fast.headroom.contains_key(user_id) {
+        fast.headroom.clear();
+    }
+    fast.headroom.insert(user_id.to_string(), (room, epoch));
 }
 
 /// Users whose headroom is kept, at most.
@@ -174,7 +210,7 @@ fn lock(fast: &Mutex<FastPath>) -> std::sync::MutexGuard<'_, FastPath> {
 
 /// Handle to the writer thread; the thread ends when the last handle drops.
 pub(crate) struct Writer {
-    tx: flume::Sender<Job>,
+    tx: flume::Sender<Msg>,
     fast: Arc<Mutex<FastPath>>,
 }
 
@@ -238,13 +274,46 @@ impl Writer {
     }
 
     pub async fn call(&self, op: Op) -> Result<Reply> {
+        let stopped = || StoreError::Invalid("the ledger writer has stopped".into());
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send_async(Job { op, reply })
-            .await
-            .map_err(|_| StoreError::Invalid("the ledger writer has stopped".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Invalid("the ledger writer has stopped".into()))?
+        let job = Job { op, reply };
+        let job = if job.op.may_linger() {
+            self.linger(job)
+        } else {
+            Some(job)
+        };
+        if let Some(job) = job {
+            self.tx
+                .send_async(Msg::Job(job))
+                .await
+                .map_err(|_| stopped())?;
+        }
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Leaves an operation for the next commit without waking the thread
+    /// (but for the first of a batch); gives it back when the list is full.
+    fn linger(&self, job: Job) -> Option<Job> {
+        let first = {
+            let mut fast = lock(&self.fast);
+            if fast.lingering.len() >= QUEUE {
+                return Some(job);
+            }
+            fast.lingering.push(job);
+            fast.lingering.len() == 1
+        };
+        if first {
+            match self.tx.try_send(Msg::Linger) {
+                // Full: the thread is busy and takes the list with its
+                // next message anyway.
+                Ok(()) | Err(flume::TrySendError::Full(_)) => {}
+                // Nobody will answer: drop the waiting replies.
+                Err(flume::TrySendError::Disconnected(_)) => {
+                    lock(&self.fast).lingering.clear();
+                }
+            }
+        }
+        None
     }
 }
 
@@ -279,7 +348,10 @@ struct State {
     conn: Connection,
     fast: Arc<Mutex<FastPath>>,
     batch: Vec<Work>,
-    /// Per user: reservations granted but not committed yet.
+    /// Granted reservations without a row yet, by request id.
+    unwritten: HashMap<String, HoldRow>,
+    /// Per user: reservations granted and not written (the unwritten ones
+    /// and those in the batch).
     held: HashMap<String, i64>,
     /// When the batch must commit at the latest.
     deadline: Option<Instant>,
@@ -287,28 +359,28 @@ struct State {
     now: bool,
 }
 
-fn run(conn: Connection, rx: flume::Receiver<Job>, fast: Arc<Mutex<FastPath>>) {
+fn run(conn: Connection, rx: flume::Receiver<Msg>, fast: Arc<Mutex<FastPath>>) {
     let mut st = State {
         conn,
         fast,
         batch: Vec::with_capacity(BATCH),
+        unwritten: HashMap::new(),
         held: HashMap::new(),
         deadline: None,
         now: false,
     };
     loop {
-        let next = if st.batch.is_empty() {
+        let next = if st.batch.is_empty() && st.deadline.is_none() && !st.now {
             match rx.recv_timeout(SWEEP) {
-                Ok(job) => Some(job),
+                Ok(msg) => Some(msg),
                 Err(flume::RecvTimeoutError::Timeout) => {
-                    st.take_fast_holds();
+                    st.take_from_callers();
+                    st.commit();
                     continue;
                 }
                 Err(flume::RecvTimeoutError::Disconnected) => {
-                    st.take_fast_holds();
-                    if !st.batch.is_empty() {
-                        st.commit();
-                    }
+                    st.take_from_callers();
+                    st.commit();
                     return;
                 }
             }
@@ -323,9 +395,13 @@ fn run(conn: Connection, rx: flume::Receiver<Job>, fast: Arc<Mutex<FastPath>>) {
             }
         };
         match next {
-            Some(job) => st.accept(job),
+            Some(Msg::Job(job)) => {
+                st.take_from_callers();
+                st.accept(job);
+            }
+            Some(Msg::Linger) => st.linger(),
             None => {
-                st.take_fast_holds();
+                st.take_from_callers();
                 st.commit();
             }
         }
@@ -333,49 +409,58 @@ fn run(conn: Connection, rx: flume::Receiver<Job>, fast: Arc<Mutex<FastPath>>) {
 }
 
 impl State {
-    /// Takes the reservations granted without the thread into the batch
-    /// (before any other work: a settlement closes its reservation's row).
-    fn take_fast_holds(&mut self) {
-        let holds = {
-            let mut fast = lock(&self.fast);
-            let holds = std::mem::take(&mut fast.holds);
-            for (h, epoch) in &holds {
-                // Granted from an older headroom than the user's current
-                // one, which was computed without it: take it off that one.
-                if let Some((room, current)) = fast.headroom.get_mut(&h.user_id) {
-                    if *current > *epoch {
-                        *room -= h.amount;
-                    }
-                }
-            }
-            holds
+    /// Takes what callers left without a message: reservations granted on
+    /// their threads (first: a settlement closes its reservation) and
+    /// lingering settlements and releases.
+    fn take_from_callers(&mut self) {
+        let shared = self.fast.clone();
+        let lingering = {
+            let mut fast = lock(&shared);
+            self.absorb_holds(&mut fast);
+            std::mem::take(&mut fast.lingering)
         };
-        for (h, _) in holds {
-            *self.held.entry(h.user_id.clone()).or_insert(0) += h.amount;
-            self.push_hold(h);
+        for job in lingering {
+            self.accept(job);
         }
     }
 
-    fn push_hold(&mut self, h: HoldRow) {
-        self.batch.push(Work::Hold(h));
-        // The row should not wait long: other processes read the table.
+    /// Takes the reservations granted on callers' threads.
+    fn absorb_holds(&mut self, fast: &mut FastPath) {
+        for (h, epoch) in std::mem::take(&mut fast.holds) {
+            // Granted from an older headroom than the user's current one,
+            // which was computed without it: take it off that one.
+            if let Some((room, current)) = fast.headroom.get_mut(&h.user_id) {
+                if *current > epoch {
+                    *room -= h.amount;
+                }
+            }
+            self.hold(h);
+        }
+    }
+
+    /// Counts a granted reservation as held until it is written or closed.
+    fn hold(&mut self, h: HoldRow) {
+        *self.held.entry(h.user_id.clone()).or_insert(0) += h.amount;
+        self.unwritten.insert(h.request_id.clone(), h);
+    }
+
+    /// No longer counts `amount` as held for `user_id`.
+    fn unhold(&mut self, user_id: &str, amount: i64) {
+        if let Some(h) = self.held.get_mut(user_id) {
+            *h -= amount;
+            if *h <= 0 {
+                self.held.remove(user_id);
+            }
+        }
+    }
+
+    /// Starts the batch clock for lingering operations.
+    fn linger(&mut self) {
         let until = Instant::now() + LINGER;
         self.deadline = Some(self.deadline.map_or(until, |d| d.min(until)));
     }
 
-    /// Publishes what a user may still reserve without the thread.
-    fn publish(&self, user_id: &str, room: i64) {
-        let mut fast = lock(&self.fast);
-        fast.epoch += 1;
-        let epoch = fast.epoch;
-        if fast.headroom.len() >= MAX_HEADROOMS && !fast.headroom.contains_key(user_id) {
-            fast.headroom.clear();
-        }
-        fast.headroom.insert(user_id.to_string(), (room, epoch));
-    }
-
     fn accept(&mut self, job: Job) {
-        self.take_fast_holds();
         match &job.op {
             Op::Reserve {
                 request_id,
@@ -396,13 +481,24 @@ impl State {
                 let _ = job.reply.send(result);
             }
             op => {
+                let closes = match op {
+                    Op::Settle {
+                        settlement: Some(s),
+                        ..
+                    } => Some(s.request_id.as_str()),
+                    Op::Release { request_id } => Some(request_id.as_str()),
+                    _ => None,
+                };
+                let unwritten = closes.and_then(|id| self.unwritten.remove(id));
                 if op.may_linger() {
-                    let until = Instant::now() + LINGER;
-                    self.deadline = Some(self.deadline.map_or(until, |d| d.min(until)));
+                    self.linger();
                 } else {
                     self.now = true;
                 }
-                self.batch.push(Work::Job(Box::new(job)));
+                self.batch.push(Work::Job {
+                    job: Box::new(job),
+                    unwritten,
+                });
             }
         }
     }
@@ -427,48 +523,68 @@ impl State {
         owner: &str,
     ) -> Result<bool> {
         let (ledger, reserved) = self.balance(user_id)?;
+        // Callers may have granted from the old headroom while the query
+        // ran: count those and decide before any more can be granted.
+        let shared = self.fast.clone();
+        let mut fast = lock(&shared);
+        self.absorb_holds(&mut fast);
         let held = self.held.get(user_id).copied().unwrap_or(0);
         let available = ledger - reserved - held;
         if available < amount {
-            self.publish(user_id, available);
+            publish(&mut fast, user_id, available);
             return Ok(false);
         }
-        self.publish(user_id, available - amount);
-        *self.held.entry(user_id.to_string()).or_insert(0) += amount;
-        self.push_hold(HoldRow::new(request_id, user_id, amount, owner));
+        publish(&mut fast, user_id, available - amount);
+        self.hold(HoldRow::new(request_id, user_id, amount, owner));
         Ok(true)
     }
 
+    /// Writes the rows of reservations open for [`HOLD_UNWRITTEN`] (after
+    /// the batch's work, which may close some of them) and commits.
     fn commit(&mut self) {
-        let results = commit_batch(&mut self.conn, &self.batch);
-        for (work, result) in self.batch.drain(..).zip(results) {
-            match work {
-                // A caller that went away no longer needs the answer.
-                Work::Job(job) => {
-                    let _ = job.reply.send(result);
-                }
-                Work::Hold(HoldRow {
-                    request_id,
-                    user_id,
-                    amount,
-                    ..
-                }) => {
-                    // Committed: the table holds it now. Failed: nothing
-                    // holds it (the request goes on; its settlement charges).
-                    if let Some(h) = self.held.get_mut(&user_id) {
-                        *h -= amount;
-                        if *h <= 0 {
-                            self.held.remove(&user_id);
-                        }
-                    }
-                    if let Err(e) = result {
-                        tracing::error!(request_id, error = %e, "could not write a reservation");
-                    }
-                }
+        let cutoff = now_ms() - HOLD_UNWRITTEN.as_millis() as i64;
+        let aged: Vec<String> = self
+            .unwritten
+            .values()
+            .filter(|h| h.created_ms <= cutoff)
+            .map(|h| h.request_id.clone())
+            .collect();
+        for id in aged {
+            if let Some(h) = self.unwritten.remove(&id) {
+                self.batch.push(Work::Hold(h));
             }
         }
         self.deadline = None;
         self.now = false;
+        if self.batch.is_empty() {
+            return;
+        }
+        let results = commit_batch(&mut self.conn, &self.batch);
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+        for (work, result) in batch.into_iter().zip(results) {
+            match work {
+                Work::Job { job, unwritten } => {
+                    if let Some(h) = unwritten {
+                        if result.is_ok() {
+                            self.unhold(&h.user_id, h.amount);
+                        } else {
+                            // Still open: it may be settled or released again.
+                            self.unwritten.insert(h.request_id.clone(), h);
+                        }
+                    }
+                    // A caller that went away no longer needs the answer.
+                    let _ = job.reply.send(result);
+                }
+                Work::Hold(h) => {
+                    // Committed: the table holds it now. Failed: nothing
+                    // holds it (the request goes on; its settlement charges).
+                    self.unhold(&h.user_id, h.amount);
+                    if let Err(e) = result {
+                        tracing::error!(request_id = h.request_id, error = %e, "could not write a reservation");
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -497,24 +613,33 @@ fn run_batch(conn: &mut Connection, batch: &[Work], isolate: bool) -> Option<Vec
         Err(e) => return Some(batch.iter().map(|_| Err(failed(&e))).collect()),
     };
     let mut results = Vec::with_capacity(batch.len());
+    // Plainly, the balance changes of the whole batch are summed and
+    // written once per account at its end.
+    let mut deltas: HashMap<String, i64> = HashMap::new();
     for work in batch {
         let result = if isolate {
             match tx.savepoint() {
                 // Dropping a savepoint unreleased rolls back this item only.
-                Ok(sp) => match apply(&sp, work) {
+                Ok(sp) => match apply(&sp, work, None) {
                     Ok(reply) => sp.commit().map(|_| reply).map_err(StoreError::from),
                     Err(e) => Err(e),
                 },
                 Err(e) => Err(e.into()),
             }
         } else {
-            match apply(&tx, work) {
+            match apply(&tx, work, Some(&mut deltas)) {
                 Ok(reply) => Ok(reply),
                 // Dropping the transaction rolls it back.
                 Err(_) => return None,
             }
         };
         results.push(result);
+    }
+    let deltas: Vec<(String, i64)> = deltas.into_iter().filter(|(_, a)| *a != 0).collect();
+    for chunk in deltas.chunks(DELTAS_PER_STATEMENT) {
+        if exec(&tx, &sql::balances_upsert(chunk)).is_err() {
+            return None;
+        }
     }
     Some(match tx.commit() {
         Ok(()) => results,
@@ -535,8 +660,14 @@ fn exec(conn: &Connection, s: &Stmt) -> Result<usize> {
         .execute(params_from_iter(s.vals.iter()))?)
 }
 
-fn apply(conn: &Connection, work: &Work) -> Result<Reply> {
-    let op = match work {
+/// Runs one item. With `deltas`, balance changes are added there for the
+/// caller to write; without, they are written here.
+fn apply(
+    conn: &Connection,
+    work: &Work,
+    deltas: Option<&mut HashMap<String, i64>>,
+) -> Result<Reply> {
+    let (op, has_row) = match work {
         Work::Hold(HoldRow {
             request_id,
             user_id,
@@ -548,14 +679,16 @@ fn apply(conn: &Connection, work: &Work) -> Result<Reply> {
             exec(conn, &s)?;
             return Ok(Reply::Done);
         }
-        Work::Job(job) => &job.op,
+        Work::Job { job, unwritten } => (&job.op, unwritten.is_none()),
     };
     match op {
         Op::Reserve { .. } | Op::Balance { .. } => Err(StoreError::Invalid(
             "reservations and balances are answered before the batch".into(),
         )),
         Op::Release { request_id } => {
-            exec(conn, &sql::release(request_id))?;
+            if has_row {
+                exec(conn, &sql::release(request_id))?;
+            }
             Ok(Reply::Done)
         }
         Op::Settle { settlement, record } => {
@@ -565,10 +698,23 @@ fn apply(conn: &Connection, work: &Work) -> Result<Reply> {
             if let Some(s) = settlement {
                 if exec(conn, &sql::settlement_row(s, now))? == 1 {
                     settled = true;
-                    for stmt in sql::settlement_entries(s, now) {
-                        exec(conn, &stmt)?;
+                    if let Some((entries, moved)) = sql::settlement_parts(s, now) {
+                        exec(conn, &entries)?;
+                        match deltas {
+                            Some(deltas) => {
+                                for (account, amount) in moved {
+                                    *deltas.entry(account).or_insert(0) += amount;
+                                }
+                            }
+                            None if moved.is_empty() => {}
+                            None => {
+                                exec(conn, &sql::balances_upsert(&moved))?;
+                            }
+                        }
                     }
-                    exec(conn, &sql::close_reservation(&s.request_id))?;
+                    if has_row {
+                        exec(conn, &sql::close_reservation(&s.request_id))?;
+                    }
                 }
             }
             if let Some(r) = record {
