@@ -267,3 +267,41 @@ async fn postgres_ledger_when_configured() {
     );
     assert_eq!(store.take_daily(&key, "2026-11-27", 1).await.unwrap(), None);
 }
+
+/// A reservation that outlives the writer's grace period gets a row, and
+/// its settlement closes that row; one settled sooner never had one. Both
+/// leave the balance exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_and_short_requests_close_their_reservations() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_data_dir(dir.path()).await.unwrap();
+    let user = store.create_user("p", "paid").await.unwrap();
+    store.add_funds(&user, 1_000).await.unwrap();
+    let settlement = |id: &str, cost: i64| Settlement {
+        request_id: id.into(),
+        user_id: user.clone(),
+        user_pays: true,
+        cost,
+        credits: vec![("m".into(), cost - 1)],
+        fee: 1,
+    };
+    assert!(store.reserve("long", &user, 300, "o").await.unwrap());
+    assert!(store.reserve("short", &user, 300, "o").await.unwrap());
+    assert!(store.settle(&settlement("short", 100)).await.unwrap());
+    // "long" is still running after the grace period: its row is written.
+    tokio::time::sleep(std::time::Duration::from_millis(1_400)).await;
+    assert_eq!(store.ledger_check().await.unwrap().open_reservations, 1);
+    let bal = store.balance(&user).await.unwrap();
+    assert_eq!((bal.ledger, bal.reserved), (900, 300));
+    assert!(store.settle(&settlement("long", 50)).await.unwrap());
+    let check = store.ledger_check().await.unwrap();
+    assert_eq!(check.open_reservations, 0);
+    assert_eq!(check.total, 0);
+    let bal = store.balance(&user).await.unwrap();
+    assert_eq!((bal.ledger, bal.reserved), (850, 0));
+    // A second settlement of either charges nothing.
+    assert!(!store.settle(&settlement("long", 50)).await.unwrap());
+    assert!(!store.settle(&settlement("short", 100)).await.unwrap());
+    assert_eq!(store.balance(&user).await.unwrap().ledger, 850);
+    store.close().await;
+}
