@@ -54,7 +54,9 @@ use crate::{now_ms, RequestRecord, Result, StoreError};
 
 /// Operations waiting for the writer, at most.
 const QUEUE: usize = 4096;
-/// Items committed together, at most.
+/// A batch this long commits without waiting for its deadline (the
+/// lingering operations taken at once may make it longer; they are at most
+/// [`QUEUE`]).
 const BATCH: usize = 256;
 /// How long a batch of settlements and releases waits for company before
 /// its commit.
@@ -203,7 +205,8 @@ fn publish(fast: &mut FastPath, user_id: &str, room: i64) {
 
 /// Users whose headroom is kept, at most.
 const MAX_HEADROOMS: usize = 100_000;
-/// How often an idle writer takes the reservations granted without it.
+/// How often an idle writer takes the reservations granted without it and
+/// writes the rows of those open for [`HOLD_UNWRITTEN`].
 const SWEEP: Duration = Duration::from_millis(100);
 
 fn lock(fast: &Mutex<FastPath>) -> std::sync::MutexGuard<'_, FastPath> {
