@@ -182,11 +182,7 @@ pub(crate) fn check_settlement(s: &Settlement) -> Result<(), String> {
 
 /// The ledger entries of a settlement (empty when it costs nothing).
 pub(crate) fn settlement_entries(s: &Settlement, now: i64) -> Vec<Stmt> {
-    match settlement_parts(s, now) {
-        Some((entries, deltas)) if deltas.is_empty() => vec![entries],
-        Some((entries, deltas)) => vec![entries, balances_upsert(&deltas)],
-        None => Vec::new(),
-    }
+    with_balances(settlement_parts(s, now))
 }
 
 /// A settlement's entries statement and the balance change of every
@@ -216,11 +212,7 @@ pub(crate) fn entries_stmts(
     entries: Vec<(String, i64, &'static str)>,
     now: i64,
 ) -> Vec<Stmt> {
-    match entries_parts(txn, entries, now) {
-        Some((entries, deltas)) if deltas.is_empty() => vec![entries],
-        Some((entries, deltas)) => vec![entries, balances_upsert(&deltas)],
-        None => Vec::new(),
-    }
+    with_balances(entries_parts(txn, entries, now))
 }
 
 /// The entries statement of one transaction and its balance change per
@@ -287,9 +279,23 @@ fn entries_parts(
     Some((entries, deltas))
 }
 
+/// The entries statement followed by the balance statement it needs.
+fn with_balances(parts: Option<(Stmt, Vec<(String, i64)>)>) -> Vec<Stmt> {
+    match parts {
+        Some((entries, deltas)) => std::iter::once(entries)
+            .chain(balances_upsert(&deltas))
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
 /// Moves running balances by the given amounts: one row per account
-/// (PostgreSQL refuses to update a row twice in one statement).
-pub(crate) fn balances_upsert(deltas: &[(String, i64)]) -> Stmt {
+/// (PostgreSQL refuses to update a row twice in one statement); `None`
+/// when there is nothing to move.
+pub(crate) fn balances_upsert(deltas: &[(String, i64)]) -> Option<Stmt> {
+    if deltas.is_empty() {
+        return None;
+    }
     let rows: Vec<String> = (0..deltas.len())
         .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
         .collect();
@@ -297,14 +303,14 @@ pub(crate) fn balances_upsert(deltas: &[(String, i64)]) -> Stmt {
         .iter()
         .flat_map(|(account, amount)| [Val::Text(account.clone()), Val::Int(*amount)])
         .collect();
-    Stmt::new(
+    Some(Stmt::new(
         format!(
             "INSERT INTO account_balances (account, balance) VALUES {} \
              ON CONFLICT (account) DO UPDATE SET balance = account_balances.balance + excluded.balance",
             rows.join(", ")
         ),
         vals,
-    )
+    ))
 }
 
 pub(crate) fn request_row(r: &RequestRecord) -> Stmt {

@@ -551,17 +551,8 @@ impl State {
     /// the batch's work, which may close some of them) and commits.
     fn commit(&mut self) {
         let cutoff = now_ms() - HOLD_UNWRITTEN.as_millis() as i64;
-        let aged: Vec<String> = self
-            .unwritten
-            .values()
-            .filter(|h| h.created_ms <= cutoff)
-            .map(|h| h.request_id.clone())
-            .collect();
-        for id in aged {
-            if let Some(h) = self.unwritten.remove(&id) {
-                self.batch.push(Work::Hold(h));
-            }
-        }
+        let aged = self.unwritten.extract_if(|_, h| h.created_ms <= cutoff);
+        self.batch.extend(aged.map(|(_, h)| Work::Hold(h)));
         self.deadline = None;
         self.now = false;
         if self.batch.is_empty() {
@@ -647,8 +638,11 @@ fn run_batch(conn: &mut Connection, batch: &[Work], isolate: bool) -> Option<Vec
         results.push(result);
     }
     let deltas: Vec<(String, i64)> = deltas.into_iter().filter(|(_, a)| *a != 0).collect();
-    for chunk in deltas.chunks(DELTAS_PER_STATEMENT) {
-        if exec(&tx, &sql::balances_upsert(chunk)).is_err() {
+    for stmt in deltas
+        .chunks(DELTAS_PER_STATEMENT)
+        .filter_map(sql::balances_upsert)
+    {
+        if exec(&tx, &stmt).is_err() {
             return None;
         }
     }
@@ -717,9 +711,10 @@ fn apply(
                                     *deltas.entry(account).or_insert(0) += amount;
                                 }
                             }
-                            None if moved.is_empty() => {}
                             None => {
-                                exec(conn, &sql::balances_upsert(&moved))?;
+                                if let Some(stmt) = sql::balances_upsert(&moved) {
+                                    exec(conn, &stmt)?;
+                                }
                             }
                         }
                     }
