@@ -9,6 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyDataStream, BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
 use sluice_proto::sse::{SseDecoder, DONE};
 
 use crate::stats::micros;
@@ -63,15 +66,54 @@ impl LoadResult {
     }
 }
 
+/// The load generator's HTTP client: hyper's pooled HTTP/1 client, the
+/// lightest at hand, because the generator shares the cores with what it
+/// measures (every microsecond it spends is one a gateway cannot).
+pub type Client = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
+
+/// Longest wait for one whole answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// An HTTP client sized for benchmark concurrency.
-pub fn client(max_concurrency: usize) -> Result<reqwest::Client, BenchError> {
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(max_concurrency.max(1) * 2)
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(60))
-        .build()
-        .map_err(|e| BenchError::Client(e.to_string()))
+pub fn client(max_concurrency: usize) -> Result<Client, BenchError> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(max_concurrency.max(1) * 2)
+            .build(connector),
+    )
+}
+
+/// A [`Target`] ready to send: URI and header parsed once.
+struct Prepared {
+    uri: http::Uri,
+    authorization: Option<http::HeaderValue>,
+    body: Bytes,
+    stream: bool,
+}
+
+impl Prepared {
+    fn new(target: &Target) -> Result<Prepared, String> {
+        let uri = target
+            .url
+            .parse()
+            .map_err(|e| format!("url {}: {e}", target.url))?;
+        let authorization = match &target.bearer {
+            Some(key) => Some(
+                http::HeaderValue::try_from(format!("Bearer {key}"))
+                    .map_err(|_| "the key is not a valid header value".to_string())?,
+            ),
+            None => None,
+        };
+        Ok(Prepared {
+            uri,
+            authorization,
+            body: target.body.clone(),
+            stream: target.stream,
+        })
+    }
 }
 
 /// True when an SSE payload of an OpenAI stream carries generated text.
@@ -97,27 +139,32 @@ enum Outcome {
     Err(String),
 }
 
-async fn one(client: &reqwest::Client, target: &Target) -> Outcome {
+async fn one(client: &Client, target: &Prepared) -> Outcome {
     let start = Instant::now();
-    let mut req = client
-        .post(&target.url)
-        .header("content-type", "application/json")
-        .body(target.body.clone());
-    if let Some(key) = &target.bearer {
-        req = req.bearer_auth(key);
+    let mut req = http::Request::post(target.uri.clone())
+        .header(http::header::CONTENT_TYPE, "application/json");
+    if let Some(auth) = &target.authorization {
+        req = req.header(http::header::AUTHORIZATION, auth.clone());
     }
-    let mut resp = match req.send().await {
+    let req = match req.body(Full::new(target.body.clone())) {
         Ok(r) => r,
-        Err(e) => return Outcome::Err(format!("send: {e}")),
+        Err(e) => return Outcome::Err(format!("request: {e}")),
+    };
+    let resp = match client.request(req).await {
+        Ok(r) => r,
+        Err(e) => return Outcome::Err(format!("send: {}", with_sources(&e))),
     };
     let status = resp.status();
     if !status.is_success() {
-        let body = resp.text().await.unwrap_or_default();
-        let short: String = body.chars().take(200).collect();
+        let body = match resp.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => Bytes::new(),
+        };
+        let short: String = String::from_utf8_lossy(&body).chars().take(200).collect();
         return Outcome::Err(format!("status {status}: {short}"));
     }
     if !target.stream {
-        return match resp.bytes().await {
+        return match resp.into_body().collect().await {
             Ok(_) => Outcome::Ok {
                 latency: start.elapsed(),
                 ttft: None,
@@ -127,8 +174,9 @@ async fn one(client: &reqwest::Client, target: &Target) -> Outcome {
     }
     let mut decoder = SseDecoder::new();
     let mut ttft = None;
+    let mut body = BodyDataStream::new(resp.into_body());
     loop {
-        match resp.chunk().await {
+        match body.next().await.transpose() {
             Ok(Some(chunk)) => {
                 if ttft.is_none() {
                     for payload in decoder.feed(&chunk) {
@@ -152,8 +200,30 @@ async fn one(client: &reqwest::Client, target: &Target) -> Outcome {
     }
 }
 
+/// An error and its causes on one line.
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line
+}
+
 /// Runs closed-loop load against `target`.
-pub async fn run(client: &reqwest::Client, target: &Target, spec: LoadSpec) -> LoadResult {
+pub async fn run(client: &Client, target: &Target, spec: LoadSpec) -> LoadResult {
+    let target = match Prepared::new(target) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            return LoadResult {
+                errors: 1,
+                first_error: Some(e),
+                ..Default::default()
+            }
+        }
+    };
     let issued = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let deadline = started + spec.max_duration;
@@ -167,7 +237,12 @@ pub async fn run(client: &reqwest::Client, target: &Target, spec: LoadSpec) -> L
             while Instant::now() < deadline
                 && issued.fetch_add(1, Ordering::Relaxed) < spec.requests
             {
-                match one(&client, &target).await {
+                let outcome = tokio::time::timeout(REQUEST_TIMEOUT, one(&client, &target))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Outcome::Err(format!("no whole answer within {REQUEST_TIMEOUT:?}"))
+                    });
+                match outcome {
                     Outcome::Ok { latency, ttft } => {
                         part.latencies_us.push(micros(latency));
                         if let Some(t) = ttft {

@@ -24,7 +24,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyDataStream, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::ResponseFuture;
+use serde::Serialize;
+use serde_json::Value;
 use sluice_proto::miner::{FinishReason, InvokeEvent, InvokeRequest, PromptInput};
 use sluice_proto::sse::{SseDecoder, DONE};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -66,9 +73,14 @@ pub struct UpstreamEngine {
     config: UpstreamConfig,
     base: String,
     /// The two endpoints, parsed once.
-    chat_url: reqwest::Url,
-    completions_url: reqwest::Url,
-    http: reqwest::Client,
+    chat_url: http::Uri,
+    completions_url: http::Uri,
+    /// `Bearer <api key>`, when there is a key.
+    authorization: Option<http::HeaderValue>,
+    /// hyper's pooled HTTP/1 client: every request of the miner takes this
+    /// path, and reqwest's layers (redirect policy, URL re-parsing) cost
+    /// more than the upstream's own parsing of the request.
+    http: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
     slots: Arc<Semaphore>,
     healthy: Arc<AtomicBool>,
 }
@@ -88,19 +100,43 @@ impl UpstreamEngine {
             )));
         }
         let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed).to_string();
-        let url = |path: &str| {
-            reqwest::Url::parse(&format!("{base}{path}"))
-                .map_err(|e| EngineError::Invalid(format!("upstream url `{}`: {e}", config.url)))
+        if base.starts_with("https://") {
+            return Err(EngineError::Invalid(format!(
+                "upstream url `{}`: https is not supported; reach the upstream over http on a trusted network",
+                config.url
+            )));
+        }
+        let url = |path: &str| -> Result<http::Uri, EngineError> {
+            let invalid =
+                |e: String| EngineError::Invalid(format!("upstream url `{}`: {e}", config.url));
+            let parsed = reqwest::Url::parse(&format!("{base}{path}"))
+                .map_err(|e| invalid(e.to_string()))?;
+            parsed
+                .as_str()
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| invalid(e.to_string()))
         };
         let chat_url = url("/v1/chat/completions")?;
         let completions_url = url("/v1/completions")?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .pool_max_idle_per_host(config.capacity as usize)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| EngineError::Load(format!("http client: {e}")))?;
+        let authorization = match &config.api_key {
+            Some(key) => Some(
+                http::HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| {
+                    EngineError::Invalid("the upstream API key is not a valid header value".into())
+                })?,
+            ),
+            None => None,
+        };
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_max_idle_per_host(config.capacity as usize)
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_timer(hyper_util::rt::TokioTimer::new())
+                .build(connector);
         Ok(UpstreamEngine {
+            authorization,
             slots: Arc::new(Semaphore::new(config.capacity as usize)),
             config,
             base,
@@ -112,48 +148,91 @@ impl UpstreamEngine {
     }
 
     /// The JSON body and endpoint for one request.
-    fn body(&self, request: &InvokeRequest) -> (Value, &reqwest::Url, Kind) {
+    fn body<'a>(&'a self, request: &'a InvokeRequest) -> (UpstreamBody<'a>, &'a http::Uri, Kind) {
         let p = &request.params;
-        let mut body = match &request.input {
+        let continues = !request.continuation.is_empty();
+        let mut body = UpstreamBody {
+            model: &self.config.model_id,
+            messages: None,
+            prompt: None,
+            continue_final_message: None,
+            add_generation_prompt: None,
+            stream: request.stream,
+            stream_options: request.stream.then_some(StreamOptions {
+                include_usage: true,
+            }),
+            temperature: p.temperature,
+            top_p: p.top_p,
+            max_tokens: p.max_tokens,
+            seed: p.seed,
+            stop: &p.stop,
+        };
+        match &request.input {
             PromptInput::Chat { messages } => {
-                let mut msgs: Vec<Value> = messages
+                let mut msgs: Vec<Message<'a>> = messages
                     .iter()
-                    .map(|m| json!({"role": m.role, "content": m.content}))
+                    .map(|m| Message {
+                        role: &m.role,
+                        content: &m.content,
+                    })
                     .collect();
-                let mut body = json!({});
-                if !request.continuation.is_empty() {
-                    msgs.push(json!({"role": "assistant", "content": request.continuation}));
-                    body["continue_final_message"] = json!(true);
-                    body["add_generation_prompt"] = json!(false);
+                if continues {
+                    msgs.push(Message {
+                        role: "assistant",
+                        content: &request.continuation,
+                    });
+                    body.continue_final_message = Some(true);
+                    body.add_generation_prompt = Some(false);
                 }
-                body["messages"] = Value::Array(msgs);
-                body
+                body.messages = Some(msgs);
+                (body, &self.chat_url, Kind::Chat)
             }
             PromptInput::Text { prompt } => {
-                json!({"prompt": format!("{prompt}{}", request.continuation)})
+                body.prompt = Some(if continues {
+                    format!("{prompt}{}", request.continuation).into()
+                } else {
+                    prompt.as_str().into()
+                });
+                (body, &self.completions_url, Kind::Text)
             }
-        };
-        body["model"] = json!(self.config.model_id);
-        body["stream"] = json!(request.stream);
-        if request.stream {
-            body["stream_options"] = json!({"include_usage": true});
-        }
-        body["temperature"] = json!(p.temperature);
-        body["top_p"] = json!(p.top_p);
-        if let Some(m) = p.max_tokens {
-            body["max_tokens"] = json!(m);
-        }
-        if let Some(s) = p.seed {
-            body["seed"] = json!(s);
-        }
-        if !p.stop.is_empty() {
-            body["stop"] = json!(p.stop);
-        }
-        match request.input {
-            PromptInput::Chat { .. } => (body, &self.chat_url, Kind::Chat),
-            PromptInput::Text { .. } => (body, &self.completions_url, Kind::Text),
         }
     }
+}
+
+/// The body of an OpenAI request sent upstream.
+#[derive(Serialize)]
+struct UpstreamBody<'a> {
+    model: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    messages: Option<Vec<Message<'a>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<std::borrow::Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    continue_final_message: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    add_generation_prompt: Option<bool>,
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+    temperature: f32,
+    top_p: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'a str,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,10 +242,10 @@ enum Kind {
 }
 
 enum Phase {
-    Send(reqwest::RequestBuilder),
-    Streaming(reqwest::Response),
+    Send(ResponseFuture),
+    Streaming(BodyDataStream<Incoming>),
     /// A non-streamed answer: one JSON body.
-    Whole(reqwest::Response),
+    Whole(Incoming),
     Finished,
 }
 
@@ -184,7 +263,7 @@ struct Run {
     _slot: OwnedSemaphorePermit,
 }
 
-fn retryable_status(status: reqwest::StatusCode) -> bool {
+fn retryable_status(status: http::StatusCode) -> bool {
     status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408
 }
 
@@ -304,18 +383,22 @@ impl Run {
             }
             match std::mem::replace(&mut self.phase, Phase::Finished) {
                 Phase::Finished => return None,
-                Phase::Send(builder) => match builder.send().await {
+                Phase::Send(pending) => match pending.await {
                     Err(e) => {
                         if e.is_connect() {
                             self.healthy.store(false, Ordering::Relaxed);
                         }
-                        self.fail(format!("upstream unreachable: {e}"), true);
+                        self.fail(format!("upstream unreachable: {}", with_sources(&e)), true);
                     }
                     Ok(resp) if !resp.status().is_success() => {
                         self.healthy.store(true, Ordering::Relaxed);
                         let status = resp.status();
-                        let body = resp.text().await.unwrap_or_default();
-                        let detail: String = body.chars().take(200).collect();
+                        let body = match resp.into_body().collect().await {
+                            Ok(b) => b.to_bytes(),
+                            Err(_) => Bytes::new(),
+                        };
+                        let detail: String =
+                            String::from_utf8_lossy(&body).chars().take(200).collect();
                         self.fail(
                             format!("upstream answered {status}: {detail}"),
                             retryable_status(status),
@@ -324,19 +407,19 @@ impl Run {
                     Ok(resp) => {
                         self.healthy.store(true, Ordering::Relaxed);
                         self.phase = if self.stream {
-                            Phase::Streaming(resp)
+                            Phase::Streaming(BodyDataStream::new(resp.into_body()))
                         } else {
-                            Phase::Whole(resp)
+                            Phase::Whole(resp.into_body())
                         };
                     }
                 },
-                Phase::Whole(resp) => match resp.bytes().await {
-                    Ok(body) => self.whole(&body),
+                Phase::Whole(body) => match body.collect().await {
+                    Ok(body) => self.whole(&body.to_bytes()),
                     Err(e) => self.fail(format!("upstream answer broke: {e}"), true),
                 },
-                Phase::Streaming(mut resp) => match resp.chunk().await {
+                Phase::Streaming(mut body) => match body.next().await.transpose() {
                     Ok(Some(bytes)) => {
-                        self.phase = Phase::Streaming(resp);
+                        self.phase = Phase::Streaming(body);
                         for payload in self.decoder.feed(&bytes) {
                             self.payload(&payload);
                             if matches!(self.phase, Phase::Finished) {
@@ -374,21 +457,24 @@ impl Engine for UpstreamEngine {
             .try_acquire_owned()
             .map_err(|_| EngineError::Busy)?;
         let (body, url, kind) = self.body(&request);
+        let body = serde_json::to_vec(&body)
+            .map_err(|e| EngineError::Invalid(format!("request body: {e}")))?;
         let accept = if request.stream {
             "text/event-stream"
         } else {
             "application/json"
         };
-        let mut builder = self
-            .http
-            .post(url.clone())
-            .header("accept", accept)
-            .json(&body);
-        if let Some(key) = &self.config.api_key {
-            builder = builder.bearer_auth(key);
+        let mut builder = http::Request::post(url.clone())
+            .header(http::header::ACCEPT, accept)
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(auth) = &self.authorization {
+            builder = builder.header(http::header::AUTHORIZATION, auth.clone());
         }
+        let req = builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| EngineError::Invalid(format!("request: {e}")))?;
         let run = Run {
-            phase: Phase::Send(builder),
+            phase: Phase::Send(self.http.request(req)),
             kind,
             stream: request.stream,
             pending: VecDeque::new(),
@@ -413,6 +499,19 @@ impl Engine for UpstreamEngine {
     fn in_flight(&self) -> u32 {
         self.config.capacity - self.slots.available_permits() as u32
     }
+}
+
+/// An error and its causes on one line (hyper's own message alone says
+/// only "client error (Connect)").
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line
 }
 
 #[cfg(test)]

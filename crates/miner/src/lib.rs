@@ -213,7 +213,8 @@ async fn invoke(State(state): State<MinerState>, headers: HeaderMap, body: Bytes
     // TCP segments, not one per event.
     let mut chunks = events.ready_chunks(64);
     let first = chunks.next().instrument(span.clone()).await;
-    span.in_scope(|| tracing::info!("generation started"));
+    // Per request, so debug: a busy miner would write a line per request.
+    span.in_scope(|| tracing::debug!("generation started"));
     let frames = futures_util::stream::iter(first)
         .chain(chunks)
         .map(|events: Vec<InvokeEvent>| {

@@ -182,12 +182,29 @@ pub(crate) fn check_settlement(s: &Settlement) -> Result<(), String> {
 
 /// The ledger entries of a settlement (empty when it costs nothing).
 pub(crate) fn settlement_entries(s: &Settlement, now: i64) -> Vec<Stmt> {
-    with_balances(settlement_parts(s, now))
+    with_balances(settlement_parts(s, now, OnError::Abort))
+}
+
+/// What a multi-row insert does when one of its rows fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnError {
+    /// Undo the whole statement: portable, but SQLite keeps a statement
+    /// journal of every page the statement touches to be able to.
+    Abort,
+    /// SQLite's `OR FAIL`: stop, keeping the rows already written, and
+    /// keep no statement journal. Only for callers that undo the whole
+    /// item themselves (the ledger writer rolls back its batch, or the
+    /// item's savepoint).
+    Fail,
 }
 
 /// A settlement's entries statement and the balance change of every
 /// account it moves (`None` when it costs nothing).
-pub(crate) fn settlement_parts(s: &Settlement, now: i64) -> Option<(Stmt, Vec<(String, i64)>)> {
+pub(crate) fn settlement_parts(
+    s: &Settlement,
+    now: i64,
+    on_error: OnError,
+) -> Option<(Stmt, Vec<(String, i64)>)> {
     if s.cost <= 0 {
         return None;
     }
@@ -201,7 +218,7 @@ pub(crate) fn settlement_parts(s: &Settlement, now: i64) -> Option<(Stmt, Vec<(S
         entries.push((miner_account(miner), *credit, "serving"));
     }
     entries.push((FEES_ACCOUNT.to_string(), s.fee, "fee"));
-    entries_parts(&format!("req-{}", s.request_id), entries, now)
+    entries_parts(&format!("req-{}", s.request_id), entries, now, on_error)
 }
 
 /// One transaction's entries and the running balances they move, in two
@@ -212,7 +229,7 @@ pub(crate) fn entries_stmts(
     entries: Vec<(String, i64, &'static str)>,
     now: i64,
 ) -> Vec<Stmt> {
-    with_balances(entries_parts(txn, entries, now))
+    with_balances(entries_parts(txn, entries, now, OnError::Abort))
 }
 
 /// The entries statement of one transaction and its balance change per
@@ -221,6 +238,7 @@ fn entries_parts(
     txn: &str,
     entries: Vec<(String, i64, &'static str)>,
     now: i64,
+    on_error: OnError,
 ) -> Option<(Stmt, Vec<(String, i64)>)> {
     let mut merged: Vec<(String, i64, &'static str)> = Vec::new();
     for (account, amount, kind) in entries {
@@ -263,7 +281,11 @@ fn entries_parts(
     }
     let entries = Stmt::new(
         format!(
-            "INSERT INTO ledger_entries (id, txn, account, amount, kind, created_ms) VALUES {}",
+            "INSERT {}INTO ledger_entries (id, txn, account, amount, kind, created_ms) VALUES {}",
+            match on_error {
+                OnError::Abort => "",
+                OnError::Fail => "OR FAIL ",
+            },
             rows.join(", ")
         ),
         vals,

@@ -703,7 +703,9 @@ fn apply(
             if let Some(s) = settlement {
                 if exec(conn, &sql::settlement_row(s, now))? == 1 {
                     settled = true;
-                    if let Some((entries, moved)) = sql::settlement_parts(s, now) {
+                    if let Some((entries, moved)) =
+                        sql::settlement_parts(s, now, sql::OnError::Fail)
+                    {
                         exec(conn, &entries)?;
                         match deltas {
                             Some(deltas) => {
@@ -768,8 +770,78 @@ fn checkpointer(conn: Connection, stop: std_mpsc::Receiver<()>) {
 
 #[cfg(test)]
 mod tests {
-    use super::sqlite_path;
+    use super::{exec, sqlite_path};
+    use crate::ledger::Settlement;
+    use crate::sql::{self, OnError};
+    use rusqlite::Connection;
     use std::path::PathBuf;
+
+    fn entries_count(conn: &Connection) -> i64 {
+        conn.query_row("SELECT COUNT(*) FROM ledger_entries", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// The writer inserts a settlement's entries `OR FAIL` (no statement
+    /// journal): a row that fails keeps the rows before it, so the item's
+    /// savepoint, or the batch's transaction, must be what undoes them.
+    #[test]
+    fn entries_that_fail_midway_are_undone_by_the_item_savepoint() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE ledger_entries (id TEXT PRIMARY KEY, txn TEXT NOT NULL, \
+             account TEXT NOT NULL, amount BIGINT NOT NULL, kind TEXT NOT NULL, \
+             created_ms BIGINT NOT NULL)",
+        )
+        .unwrap();
+        let s = Settlement {
+            request_id: "r1".into(),
+            user_id: "u".into(),
+            user_pays: true,
+            cost: 60,
+            credits: vec![("m".into(), 50)],
+            fee: 10,
+        };
+        let (stmt, moved) = sql::settlement_parts(&s, 1, OnError::Fail).unwrap();
+        assert!(stmt.sql.starts_with("INSERT OR FAIL INTO ledger_entries"));
+        assert_eq!(moved.iter().map(|(_, a)| a).sum::<i64>(), 0);
+        let (portable, _) = sql::settlement_parts(&s, 1, OnError::Abort).unwrap();
+        assert!(portable.sql.starts_with("INSERT INTO ledger_entries"));
+
+        // Make the third row collide: the first two are written, then the
+        // statement fails.
+        let third_id = match &stmt.vals[12] {
+            sql::Val::Text(id) => id.clone(),
+            other => panic!("unexpected value {other:?}"),
+        };
+        conn.execute(
+            "INSERT INTO ledger_entries VALUES (?1, 'x', 'a', 0, 'k', 0)",
+            [&third_id],
+        )
+        .unwrap();
+        let mut tx = conn.transaction().unwrap();
+        {
+            let sp = tx.savepoint().unwrap();
+            assert!(exec(&sp, &stmt).is_err());
+            assert_eq!(
+                entries_count(&sp),
+                3,
+                "OR FAIL keeps the rows before the failure"
+            );
+            // Dropped without commit: rolled back to the savepoint.
+        }
+        assert_eq!(
+            entries_count(&tx),
+            1,
+            "the item's savepoint undoes its rows"
+        );
+        assert!(exec(&tx, &stmt).is_err());
+        drop(tx);
+        assert_eq!(
+            entries_count(&conn),
+            1,
+            "the batch's rollback undoes them too"
+        );
+    }
 
     #[test]
     fn paths_from_urls() {

@@ -768,7 +768,9 @@ pub async fn settle(state: &AppState, base: RecordBase, trace: &Trace) {
             }
         }
     }
-    tracing::info!(
+    // Every request is a row in the requests table already: at info level
+    // this line would only repeat it (and cost a write per request).
+    tracing::debug!(
         status = trace.status,
         prompt_tokens = trace.prompt_tokens,
         completion_tokens = trace.completion_tokens,

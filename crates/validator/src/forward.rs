@@ -281,7 +281,9 @@ async fn attempt(
     started: Instant,
     trace: &mut Trace,
 ) -> Attempt {
-    let span = tracing::info_span!("attempt", instance = %lease.instance.id);
+    // Debug: nothing inside logs at info, and the caller's warning on a
+    // failed attempt names the instance itself.
+    let span = tracing::debug_span!("attempt", instance = %lease.instance.id);
     async move {
         let body = match serde_json::to_vec(invoke) {
             Ok(b) => b,
@@ -309,22 +311,28 @@ async fn attempt(
         };
         let first_timeout = Duration::from_secs_f64(state.config.first_token_timeout_s);
         let stall_timeout = Duration::from_secs_f64(state.config.stall_timeout_s);
-        let request = state
-            .http
-            .post(url)
-            .header("content-type", "application/json")
+        let request = match http::Request::post(url)
+            .header(http::header::CONTENT_TYPE, "application/json")
             .header(HDR_REQUEST_ID, &invoke.request_id)
-            .header(HDR_TIMESTAMP, ts.to_string())
+            .header(HDR_TIMESTAMP, ts)
             .header(HDR_VALIDATOR, &*state.public_key)
             .header(HDR_MAC, mac)
-            .body(body)
-            .send();
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        {
+            Ok(r) => state.invoke_http.request(r),
+            Err(e) => {
+                return Attempt::Failed {
+                    tokens: 0,
+                    why: format!("request: {e}"),
+                }
+            }
+        };
         let resp = match tokio::time::timeout(first_timeout, request).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 return Attempt::Failed {
                     tokens: 0,
-                    why: format!("connect: {e}"),
+                    why: format!("send: {}", with_sources(&e)),
                 }
             }
             Err(_) => {
@@ -340,7 +348,7 @@ async fn attempt(
                 why: format!("miner answered {}", resp.status()),
             };
         }
-        let mut body = resp.bytes_stream();
+        let mut body = http_body_util::BodyDataStream::new(resp.into_body());
         let mut decoder = SseDecoder::new();
         let mut tokens: u32 = 0;
         let mut got_text = false;
@@ -366,7 +374,7 @@ async fn attempt(
                 Ok(Some(Err(e))) => {
                     return Attempt::Failed {
                         tokens,
-                        why: format!("stream broke: {e}"),
+                        why: format!("stream broke: {}", with_sources(&e)),
                     }
                 }
                 Ok(Some(Ok(c))) => c,
@@ -455,6 +463,19 @@ pub fn spawn(
         .instrument(span),
     );
     rx
+}
+
+/// An error and its causes on one line (hyper's own message alone says
+/// only "client error (Connect)").
+pub(crate) fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line
 }
 
 /// The invocation key shared with a miner, computed once per miner.

@@ -55,6 +55,12 @@ pub enum ValidatorError {
     Io(String),
 }
 
+/// The client that carries invocations to miners.
+pub type InvokeClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
 /// Shared state: cheap to clone, every part behind an `Arc`.
 #[derive(Clone)]
 pub struct AppState {
@@ -63,7 +69,11 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub auth: Arc<Auth>,
+    /// Probes and other occasional calls.
     pub http: reqwest::Client,
+    /// Invocations: hyper's pooled HTTP/1 client, without reqwest's
+    /// per-request layers (redirect policy, URL re-parsing).
+    pub invoke_http: InvokeClient,
     pub signing_key: Arc<SigningKey>,
     /// Invocation keys shared with miners, by miner key (see
     /// [`sluice_proto::miner::pair_key`]).
@@ -302,6 +312,14 @@ pub async fn start(
         .tcp_nodelay(true)
         .build()
         .map_err(|e| ValidatorError::Io(format!("http client: {e}")))?;
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(3)));
+    let invoke_http =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(connector);
     let state = AppState {
         registry: Arc::new(Registry::new(
             Duration::from_secs_f64(config.heartbeat_timeout_s),
@@ -312,6 +330,7 @@ pub async fn start(
         store,
         metrics: Arc::new(Metrics::default()),
         http,
+        invoke_http,
         public_key: sluice_proto::miner::public_hex(&signing_key).into(),
         signing_key: Arc::new(signing_key),
         invoke_keys: Arc::default(),

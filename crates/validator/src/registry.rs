@@ -44,7 +44,7 @@ pub struct Instance {
     pub miner_key: String,
     pub endpoint: String,
     /// `<endpoint>/v1/invoke`, parsed once (`None`: not a URL).
-    pub invoke_url: Option<reqwest::Url>,
+    pub invoke_url: Option<http::Uri>,
     pub model: String,
     pub capacity: u32,
     pub context_length: u32,
@@ -61,8 +61,9 @@ pub struct Instance {
 }
 
 /// Where a miner at `endpoint` takes invocations.
-pub fn invoke_url(endpoint: &str) -> Option<reqwest::Url> {
-    reqwest::Url::parse(&format!("{}/v1/invoke", endpoint.trim_end_matches('/'))).ok()
+pub fn invoke_url(endpoint: &str) -> Option<http::Uri> {
+    let url = reqwest::Url::parse(&format!("{}/v1/invoke", endpoint.trim_end_matches('/'))).ok()?;
+    url.as_str().parse().ok()
 }
 
 impl Instance {

@@ -205,6 +205,8 @@ struct Measured {
     c32: Summary,
     rps32: f64,
     cpu_us_per_req: Option<f64>,
+    /// The load generator's own CPU per request (this process).
+    loadgen_cpu_us_per_req: Option<f64>,
     ttft: Summary,
     /// (concurrency, requests/s, p99 µs) for every level tried.
     sweep: Vec<(usize, f64, u64)>,
@@ -229,7 +231,7 @@ impl Measured {
     }
 }
 
-async fn measure(http: &reqwest::Client, gw: &Gateway, plan: &Plan) -> Measured {
+async fn measure(http: &load::Client, gw: &Gateway, plan: &Plan) -> Measured {
     let mut m = Measured::default();
     let r = load::run(http, &gw.plain, plan.c1).await;
     m.absorb(&r);
@@ -241,17 +243,21 @@ async fn measure(http: &reqwest::Client, gw: &Gateway, plan: &Plan) -> Measured 
         let s = Summary::of(&r.latencies_us);
         m.sweep.push((spec.concurrency, r.rps(), s.p99_us));
     }
+    let me = std::process::id();
     let cpu_before = procstat::tree_cpu_time_us(gw.pid);
+    let own_before = procstat::cpu_time_us(me);
     let r = load::run(http, &gw.plain, plan.c32).await;
     let cpu_after = procstat::tree_cpu_time_us(gw.pid);
+    let own_after = procstat::cpu_time_us(me);
     m.absorb(&r);
     m.c32 = Summary::of(&r.latencies_us);
     m.rps32 = r.rps();
     m.sweep.push((plan.c32.concurrency, m.rps32, m.c32.p99_us));
-    if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
-        if r.ok() > 0 {
-            m.cpu_us_per_req = Some(b.saturating_sub(a) as f64 / r.ok() as f64);
-        }
+    if r.ok() > 0 {
+        let per_req =
+            |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?) as f64 / r.ok() as f64);
+        m.cpu_us_per_req = per_req(cpu_before, cpu_after);
+        m.loadgen_cpu_us_per_req = per_req(own_before, own_after);
     }
     let r = load::run(http, &gw.stream, plan.stream).await;
     m.absorb(&r);
@@ -526,6 +532,11 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
     per(
         &format!("CPU per request, c={c32} (us)"),
         &|g| med(g, &|m| m.cpu_us_per_req),
+        0,
+    );
+    per(
+        &format!("load generator CPU per request, c={c32} (us)"),
+        &|g| med(g, &|m| m.loadgen_cpu_us_per_req),
         0,
     );
     per(
