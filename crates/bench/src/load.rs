@@ -152,7 +152,7 @@ async fn one(client: &Client, target: &Prepared) -> Outcome {
     };
     let resp = match client.request(req).await {
         Ok(r) => r,
-        Err(e) => return Outcome::Err(format!("send: {}", with_sources(&e))),
+        Err(e) => return Outcome::Err(format!("send: {}", sluice_proto::error_chain(&e))),
     };
     let status = resp.status();
     if !status.is_success() {
@@ -198,18 +198,6 @@ async fn one(client: &Client, target: &Prepared) -> Outcome {
         },
         None => Outcome::Err("stream carried no text".into()),
     }
-}
-
-/// An error and its causes on one line.
-fn with_sources(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        line.push_str(": ");
-        line.push_str(&s.to_string());
-        source = s.source();
-    }
-    line
 }
 
 /// Runs closed-loop load against `target`.

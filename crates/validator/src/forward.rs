@@ -332,7 +332,7 @@ async fn attempt(
             Ok(Err(e)) => {
                 return Attempt::Failed {
                     tokens: 0,
-                    why: format!("send: {}", with_sources(&e)),
+                    why: format!("send: {}", sluice_proto::error_chain(&e)),
                 }
             }
             Err(_) => {
@@ -374,7 +374,7 @@ async fn attempt(
                 Ok(Some(Err(e))) => {
                     return Attempt::Failed {
                         tokens,
-                        why: format!("stream broke: {}", with_sources(&e)),
+                        why: format!("stream broke: {}", sluice_proto::error_chain(&e)),
                     }
                 }
                 Ok(Some(Ok(c))) => c,
@@ -463,19 +463,6 @@ pub fn spawn(
         .instrument(span),
     );
     rx
-}
-
-/// An error and its causes on one line (hyper's own message alone says
-/// only "client error (Connect)").
-pub(crate) fn with_sources(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        line.push_str(": ");
-        line.push_str(&s.to_string());
-        source = s.source();
-    }
-    line
 }
 
 /// The invocation key shared with a miner, computed once per miner.

@@ -152,7 +152,7 @@ impl Plan {
             runs: runs.unwrap_or(3),
             warmup: 200,
             c1: spec(1, 500, 6.0),
-            c32: spec(32, 6000, 12.0),
+            c32: spec(32, 30_000, 12.0),
             stream: spec(1, 300, 6.0),
             sweep: [2, 4, 8, 16]
                 .into_iter()
