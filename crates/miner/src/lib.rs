@@ -197,7 +197,9 @@ async fn invoke(State(state): State<MinerState>, headers: HeaderMap, body: Bytes
     if req.model != state.engine.info().model_id {
         return reject(StatusCode::NOT_FOUND, "model not served here");
     }
-    let span = tracing::info_span!("invoke", request_id = %req.request_id);
+    // Debug: nothing in it logs at info (engine failures travel back to
+    // the validator as error events, which log them with the request id).
+    let span = tracing::debug_span!("invoke", request_id = %req.request_id);
     let events = {
         let _enter = span.enter();
         match state.engine.generate(req) {

@@ -756,15 +756,15 @@ pub async fn settle(state: &AppState, base: RecordBase, trace: &Trace) {
     {
         Ok(settled) => {
             if settlement.is_some() && !settled {
-                tracing::warn!("request was already settled; not charging again");
+                tracing::warn!(request_id = %record.id, "request was already settled; not charging again");
             }
         }
         Err(e) => {
             // The reservation stays open and is released on recovery: the
             // request is not charged, never charged twice.
-            tracing::error!(error = %e, "could not settle and record the request");
+            tracing::error!(request_id = %record.id, error = %e, "could not settle and record the request");
             if let Err(e) = state.store.record_request(&record).await {
-                tracing::error!(error = %e, "could not record request metadata");
+                tracing::error!(request_id = %record.id, error = %e, "could not record request metadata");
             }
         }
     }
