@@ -751,5 +751,17 @@ mod tests {
     fn rejects_bad_config() {
         assert!(UpstreamEngine::new(UpstreamConfig::new("ftp://127.0.0.1", "m", 1)).is_err());
         assert!(UpstreamEngine::new(UpstreamConfig::new("http://127.0.0.1:9", "m", 0)).is_err());
+        let Err(e) = UpstreamEngine::new(UpstreamConfig::new("https://127.0.0.1:9/v1", "m", 1))
+        else {
+            panic!("an https upstream must be refused");
+        };
+        assert!(e.to_string().contains("https is not supported"), "{e}");
+        let Err(e) = UpstreamEngine::new(UpstreamConfig {
+            api_key: Some("bad\nkey".into()),
+            ..UpstreamConfig::new("http://127.0.0.1:9", "m", 1)
+        }) else {
+            panic!("a key that is not a header value must be refused");
+        };
+        assert!(e.to_string().contains("API key"), "{e}");
     }
 }
