@@ -59,8 +59,20 @@ impl MinerConfig {
             return Err("validator must name at least one URL".into());
         }
         for v in &validators {
-            if !(v.starts_with("http://") || v.starts_with("https://")) {
-                return Err(format!("validator must be an http(s) URL, not `{v}`"));
+            // The HTTP client is built without TLS: say so here rather
+            // than fail every registration attempt.
+            if !v.starts_with("http://") {
+                return Err(format!(
+                    "validator must be an http:// URL (no TLS in this build), not `{v}`"
+                ));
+            }
+        }
+        if let Some(a) = &self.advertise {
+            // The validator invokes miners over plain HTTP.
+            if !a.starts_with("http://") || a.len() <= "http://".len() {
+                return Err(format!(
+                    "advertise must be an http:// URL the validator can reach, not `{a}`"
+                ));
             }
         }
         if let EngineConfig::Llama { slots, .. } = &self.engine {
@@ -189,5 +201,15 @@ mod tests {
         assert!(MinerConfig::from_toml("validatr = \"http://x\"").is_err());
         assert!(MinerConfig::from_toml("[engine]\nkind = \"fake\"\nbogus = 1\n").is_err());
         assert!(MinerConfig::from_toml("validator = \"ftp://x\"").is_err());
+        let Err(e) = MinerConfig::from_toml("validator = \"https://127.0.0.1:8000\"") else {
+            panic!("an https validator must be refused");
+        };
+        assert!(e.to_string().contains("no TLS"), "{e}");
+        let Err(e) = MinerConfig::from_toml(
+            "validator = \"http://127.0.0.1:8000\"\nadvertise = \"https://127.0.0.1:9000\"",
+        ) else {
+            panic!("an https advertise URL must be refused");
+        };
+        assert!(e.to_string().contains("advertise"), "{e}");
     }
 }

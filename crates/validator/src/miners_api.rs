@@ -100,11 +100,11 @@ async fn register_inner(
         &req.signature,
     )
     .map_err(|e| ApiError::Forbidden(format!("registration signature: {e}")))?;
-    if !(req.endpoint.starts_with("http://") || req.endpoint.starts_with("https://"))
-        || crate::registry::invoke_url(&req.endpoint).is_none()
-    {
+    // Invocations are plain HTTP (authenticated by their MAC): an https
+    // endpoint would register and then fail every request.
+    if crate::registry::invoke_url(&req.endpoint).is_none() {
         return Err(ApiError::invalid(
-            "endpoint must be an http(s) URL",
+            "endpoint must be an http:// URL (the validator invokes miners over plain HTTP)",
             Some("endpoint".to_string()),
         ));
     }
@@ -192,5 +192,86 @@ pub async fn heartbeat(State(state): State<AppState>, body: axum::body::Body) ->
     match result {
         Ok(()) => axum::http::StatusCode::NO_CONTENT.into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ed25519_dalek::SigningKey;
+    use sluice_proto::miner::{
+        public_hex, register_message, sign_hex, NonceResponse, OfferedChute, RegisterRequest,
+    };
+    use tokio_util::sync::CancellationToken;
+
+    use crate::ValidatorConfig;
+
+    /// Registers with `endpoint`, signed properly; returns the status and body.
+    async fn register(base: &str, endpoint: &str) -> (u16, serde_json::Value) {
+        let http = reqwest::Client::new();
+        let nonce: NonceResponse = http
+            .get(format!("{base}/miner/v1/nonce"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let chutes = vec![OfferedChute {
+            model: "m".into(),
+            capacity: 1,
+            context_length: 512,
+        }];
+        let req = RegisterRequest {
+            miner_key: public_hex(&key),
+            endpoint: endpoint.into(),
+            signature: sign_hex(&key, &register_message(&nonce.nonce, endpoint, &chutes)),
+            nonce: nonce.nonce,
+            chutes,
+            hardware: "test".into(),
+        };
+        let resp = http
+            .post(format!("{base}/miner/v1/register"))
+            .json(&req)
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
+
+    /// Invocations are plain HTTP: an endpoint the validator could not
+    /// invoke is refused at registration, with the field named.
+    #[tokio::test]
+    async fn endpoints_must_be_plain_http_urls() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = CancellationToken::new();
+        let cfg = ValidatorConfig {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        let running = crate::start(cfg, stop.clone()).await.unwrap();
+        let base = format!("http://{}", running.addr);
+        for bad in [
+            "https://127.0.0.1:9000",
+            "ftp://127.0.0.1:9000",
+            "http://",
+            "127.0.0.1:9000",
+            "http://127.0.0.1:9000/?x=1",
+        ] {
+            let (status, body) = register(&base, bad).await;
+            assert_eq!(status, 400, "{bad}: {body}");
+            assert_eq!(body["error"]["param"], "endpoint", "{bad}: {body}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("http://"),
+                "{body}"
+            );
+        }
+        let (status, body) = register(&base, "http://127.0.0.1:9000").await;
+        assert_eq!(status, 200, "{body}");
+        stop.cancel();
     }
 }

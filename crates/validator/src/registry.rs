@@ -61,9 +61,20 @@ pub struct Instance {
 }
 
 /// Where a miner at `endpoint` takes invocations.
+/// `None` unless the endpoint is a plain `http://` URL with a host and
+/// nothing after its path: invocations are plain HTTP.
 pub fn invoke_url(endpoint: &str) -> Option<http::Uri> {
-    let url = reqwest::Url::parse(&format!("{}/v1/invoke", endpoint.trim_end_matches('/'))).ok()?;
-    url.as_str().parse().ok()
+    let base = reqwest::Url::parse(endpoint).ok()?;
+    if base.scheme() != "http"
+        || base.host_str().is_none_or(str::is_empty)
+        || base.query().is_some()
+        || base.fragment().is_some()
+    {
+        return None;
+    }
+    format!("{}/v1/invoke", base.as_str().trim_end_matches('/'))
+        .parse()
+        .ok()
 }
 
 impl Instance {
