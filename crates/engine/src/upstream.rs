@@ -78,8 +78,8 @@ pub struct UpstreamEngine {
     /// `Bearer <api key>`, when there is a key.
     authorization: Option<http::HeaderValue>,
     /// hyper's pooled HTTP/1 client: every request of the miner takes this
-    /// path, and reqwest's layers (redirect policy, URL re-parsing) cost
-    /// more than the upstream's own parsing of the request.
+    /// path, and reqwest's layers (redirect policy, URL re-parsing, a client
+    /// clone per request) cost a few µs per request on both hops.
     http: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
     slots: Arc<Semaphore>,
     healthy: Arc<AtomicBool>,
