@@ -18,6 +18,4 @@ pub enum BenchError {
     },
     #[error("{0}")]
     Io(String),
-    #[error("http client: {0}")]
-    Client(String),
 }

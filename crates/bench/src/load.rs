@@ -15,7 +15,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use sluice_proto::sse::{SseDecoder, DONE};
 
 use crate::stats::micros;
-use crate::BenchError;
 
 /// One endpoint to load: full URL, bearer key and the exact body to POST.
 #[derive(Debug, Clone)]
@@ -75,15 +74,13 @@ pub type Client = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// An HTTP client sized for benchmark concurrency.
-pub fn client(max_concurrency: usize) -> Result<Client, BenchError> {
+pub fn client(max_concurrency: usize) -> Client {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    Ok(
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_max_idle_per_host(max_concurrency.max(1) * 2)
-            .build(connector),
-    )
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(max_concurrency.max(1) * 2)
+        .build(connector)
 }
 
 /// A [`Target`] ready to send: URI and header parsed once.
@@ -298,7 +295,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let c = client(4).unwrap();
+        let c = client(4);
         for stream in [false, true] {
             let target = Target {
                 url: format!("{}/v1/chat/completions", m.base_url()),

@@ -405,7 +405,7 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         ));
     }
 
-    let http = load::client(64)?;
+    let http = load::client(64);
     // Warm every path (connection pools, LiteLLM's first-request work);
     // a gateway that fails its warm-up is left out (Sluice must work).
     let mut kept = Vec::new();
