@@ -21,8 +21,10 @@ pub fn encode_data(payload: &str) -> String {
 /// (the `data:` lines of each event joined by newlines).
 #[derive(Debug, Default)]
 pub struct SseDecoder {
+    /// Bytes of a line not complete yet.
     buf: Vec<u8>,
-    data: Vec<String>,
+    /// The `data:` lines of the event being read, joined by newlines.
+    data: Option<String>,
 }
 
 impl SseDecoder {
@@ -34,26 +36,30 @@ impl SseDecoder {
     pub fn feed(&mut self, chunk: &[u8]) -> Vec<String> {
         self.buf.extend_from_slice(chunk);
         let mut events = Vec::new();
-        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
-            let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
-            line.pop();
-            if line.last() == Some(&b'\r') {
-                line.pop();
+        let mut start = 0;
+        while let Some(len) = self.buf[start..].iter().position(|b| *b == b'\n') {
+            let mut line = &self.buf[start..start + len];
+            start += len + 1;
+            if let Some(l) = line.strip_suffix(b"\r") {
+                line = l;
             }
             if line.is_empty() {
-                if !self.data.is_empty() {
-                    events.push(self.data.join("\n"));
-                    self.data.clear();
-                }
+                events.extend(self.data.take());
                 continue;
             }
-            let line = String::from_utf8_lossy(&line);
-            if let Some(rest) = line.strip_prefix("data:") {
-                self.data
-                    .push(rest.strip_prefix(' ').unwrap_or(rest).to_string());
+            if let Some(rest) = line.strip_prefix(b"data:") {
+                let rest = String::from_utf8_lossy(rest.strip_prefix(b" ").unwrap_or(rest));
+                match &mut self.data {
+                    Some(d) => {
+                        d.push('\n');
+                        d.push_str(&rest);
+                    }
+                    None => self.data = Some(rest.into_owned()),
+                }
             }
             // Comments (":") and other fields (event:, id:, retry:) are ignored.
         }
+        self.buf.drain(..start);
         events
     }
 }
@@ -89,5 +95,13 @@ mod tests {
     fn decoder_accepts_crlf_and_no_space() {
         let mut d = SseDecoder::new();
         assert_eq!(d.feed(b"data:1\r\n\r\n"), vec!["1"]);
+    }
+
+    #[test]
+    fn decoder_keeps_invalid_utf8_as_replacement_and_empty_data_lines() {
+        let mut d = SseDecoder::new();
+        assert_eq!(d.feed(b"data: a\xff\ndata:\n\n"), vec!["a\u{fffd}\n"]);
+        // A blank line with no data lines before it is no event.
+        assert!(d.feed(b"\n\n").is_empty());
     }
 }

@@ -391,7 +391,8 @@ impl Store {
             open_reservations: one("SELECT CAST(COUNT(*) AS BIGINT) AS s FROM reservations WHERE state = 'open'").await?,
             mismatched_balances: one(
                 "SELECT CAST(COUNT(*) AS BIGINT) AS s FROM account_balances b \
-                 WHERE b.balance <> (SELECT COALESCE(SUM(e.amount), 0) FROM ledger_entries e WHERE e.account = b.account)",
+                 LEFT JOIN (SELECT account, SUM(amount) AS total FROM ledger_entries GROUP BY account) e \
+                 ON e.account = b.account WHERE b.balance <> COALESCE(e.total, 0)",
             )
             .await?,
         })

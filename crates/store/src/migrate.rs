@@ -14,6 +14,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         4,
         include_str!("../migrations/0004_drop_ledger_txn_index.sql"),
     ),
+    (
+        5,
+        include_str!("../migrations/0005_drop_ledger_account_index.sql"),
+    ),
 ];
 
 pub async fn run(pool: &AnyPool, backend: Backend) -> Result<()> {

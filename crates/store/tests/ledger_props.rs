@@ -114,6 +114,34 @@ async fn reservation_refused_when_balance_is_short() {
     assert_eq!(store.balance(&user).await.unwrap().available(), 40);
 }
 
+/// The check compares every running balance with the sum of its
+/// account's entries, and finds one that drifted.
+#[tokio::test]
+async fn ledger_check_finds_a_balance_that_disagrees_with_its_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_data_dir(dir.path()).await.unwrap();
+    let user = store.create_user("p", "paid").await.unwrap();
+    store.add_funds(&user, 1_000).await.unwrap();
+    let s = Settlement {
+        request_id: "r1".into(),
+        user_id: user.clone(),
+        user_pays: true,
+        cost: 300,
+        credits: vec![("m".into(), 270)],
+        fee: 30,
+    };
+    assert!(store.settle(&s).await.unwrap());
+    let check = store.ledger_check().await.unwrap();
+    assert!(check.is_balanced(), "{check:?}");
+    sqlx::query("UPDATE account_balances SET balance = balance + 1 WHERE account = 'fees'")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let check = store.ledger_check().await.unwrap();
+    assert_eq!(check.mismatched_balances, 1, "{check:?}");
+    assert!(!check.is_balanced());
+}
+
 /// Concurrent reservations, most granted from published headroom without
 /// the writer thread, never hold more than the balance; releases and
 /// top-ups are seen by the next exact decision.
@@ -260,6 +288,7 @@ async fn postgres_ledger_when_configured() {
     let check = store.ledger_check().await.unwrap();
     assert_eq!(check.total, 0);
     assert_eq!(check.unbalanced_txns, 0);
+    assert_eq!(check.mismatched_balances, 0);
     let key = format!("k-{user}");
     assert_eq!(
         store.take_daily(&key, "2026-11-27", 1).await.unwrap(),

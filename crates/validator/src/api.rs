@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream;
 use serde::de::DeserializeOwned;
@@ -98,6 +98,15 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 
 /// Parses JSON, naming the offending field in the error's `param`.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // Well-formed objects go straight into `T`. Anything else takes the
+    // slow path below, which accepts the same documents (duplicate keys:
+    // the last wins) and names the offending field when it refuses one.
+    let object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if object {
+        if let Ok(v) = serde_json::from_slice(bytes) {
+            return Ok(v);
+        }
+    }
     let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
         ApiError::invalid(
             format!("We could not parse the JSON body of your request: {e}"),
@@ -308,10 +317,12 @@ fn max_wait(state: &AppState, headers: &HeaderMap) -> Result<Duration, ApiError>
 
 fn with_request_id(mut resp: Response, id: &str, client_id: Option<&str>) -> Response {
     if let Ok(v) = HeaderValue::from_str(id) {
-        resp.headers_mut().insert(HDR_REQUEST_ID, v);
+        resp.headers_mut()
+            .insert(HeaderName::from_static(HDR_REQUEST_ID), v);
     }
     if let Some(v) = client_id.and_then(|c| HeaderValue::from_str(c).ok()) {
-        resp.headers_mut().insert(HDR_CLIENT_REQUEST_ID, v);
+        resp.headers_mut()
+            .insert(HeaderName::from_static(HDR_CLIENT_REQUEST_ID), v);
     }
     resp
 }
@@ -851,6 +862,21 @@ mod tests {
         assert_eq!(e.body().error.param.as_deref(), Some("model"));
         let e = parse_json::<ChatCompletionRequest>(b"{not json").unwrap_err();
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn json_bodies_parse_the_same_on_both_paths() {
+        let msgs = r#""messages":[{"role":"user","content":"hi"}]"#;
+        let ok: ChatCompletionRequest =
+            parse_json(format!(r#" {{"model":"m",{msgs},"max_tokens":5}}"#).as_bytes()).unwrap();
+        assert_eq!((ok.model.as_str(), ok.sampling.max_tokens), ("m", Some(5)));
+        // A repeated key: the last wins, as before the direct path existed.
+        let dup: ChatCompletionRequest =
+            parse_json(format!(r#"{{"model":"a","model":"b",{msgs}}}"#).as_bytes()).unwrap();
+        assert_eq!(dup.model, "b");
+        // Arrays are refused even where serde would read a struct from one.
+        let e = parse_json::<ChatCompletionRequest>(br#"["m", []]"#).unwrap_err();
+        assert!(e.body().error.message.contains("JSON object"), "{e:?}");
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! Requests the service fails to serve give back their quota, their
 //! window entry and their reservation.
 
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use sluice_store::ledger::{format_usd, ms_until_utc_midnight, utc_day, Settlement};
 use sluice_store::{now_ms, Chute};
 
@@ -33,32 +33,28 @@ pub struct RateHeaders {
 
 impl RateHeaders {
     pub fn apply(&self, headers: &mut HeaderMap) {
-        let mut put = |name: &'static str, value: String| {
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                headers.insert(name, v);
-            }
-        };
-        put(
-            "x-ratelimit-limit-requests",
-            self.limit_requests.to_string(),
+        const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+        const REMAINING_REQUESTS: HeaderName =
+            HeaderName::from_static("x-ratelimit-remaining-requests");
+        const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+        const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+        const REMAINING_TOKENS: HeaderName =
+            HeaderName::from_static("x-ratelimit-remaining-tokens");
+        const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+        let reset = |ms| HeaderValue::from_str(&reset_string(ms)).ok();
+        headers.insert(LIMIT_REQUESTS, HeaderValue::from(self.limit_requests));
+        headers.insert(
+            REMAINING_REQUESTS,
+            HeaderValue::from(self.remaining_requests),
         );
-        put(
-            "x-ratelimit-remaining-requests",
-            self.remaining_requests.to_string(),
-        );
-        put(
-            "x-ratelimit-reset-requests",
-            reset_string(self.reset_requests_ms),
-        );
-        put("x-ratelimit-limit-tokens", self.limit_tokens.to_string());
-        put(
-            "x-ratelimit-remaining-tokens",
-            self.remaining_tokens.to_string(),
-        );
-        put(
-            "x-ratelimit-reset-tokens",
-            reset_string(self.reset_tokens_ms),
-        );
+        if let Some(v) = reset(self.reset_requests_ms) {
+            headers.insert(RESET_REQUESTS, v);
+        }
+        headers.insert(LIMIT_TOKENS, HeaderValue::from(self.limit_tokens));
+        headers.insert(REMAINING_TOKENS, HeaderValue::from(self.remaining_tokens));
+        if let Some(v) = reset(self.reset_tokens_ms) {
+            headers.insert(RESET_TOKENS, v);
+        }
     }
 }
 

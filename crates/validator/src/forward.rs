@@ -14,6 +14,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use http::HeaderName;
 use sluice_proto::miner::{
     invoke_mac_hex, pair_key, parse_public, FinishReason, GenerationParams, InvokeEvent,
     InvokeRequest, PromptInput, HDR_MAC, HDR_REQUEST_ID, HDR_TIMESTAMP, HDR_VALIDATOR,
@@ -313,10 +314,10 @@ async fn attempt(
         let stall_timeout = Duration::from_secs_f64(state.config.stall_timeout_s);
         let request = match http::Request::post(url)
             .header(http::header::CONTENT_TYPE, "application/json")
-            .header(HDR_REQUEST_ID, &invoke.request_id)
-            .header(HDR_TIMESTAMP, ts)
-            .header(HDR_VALIDATOR, &*state.public_key)
-            .header(HDR_MAC, mac)
+            .header(HeaderName::from_static(HDR_REQUEST_ID), &invoke.request_id)
+            .header(HeaderName::from_static(HDR_TIMESTAMP), ts)
+            .header(HeaderName::from_static(HDR_VALIDATOR), &*state.public_key)
+            .header(HeaderName::from_static(HDR_MAC), mac)
             .body(http_body_util::Full::new(bytes::Bytes::from(body)))
         {
             Ok(r) => state.invoke_http.request(r),

@@ -32,13 +32,52 @@ impl Histogram {
     }
 }
 
-type Labels = Vec<(&'static str, String)>;
-
 #[derive(Default)]
 struct Inner {
-    counters: BTreeMap<(&'static str, Labels), u64>,
-    histograms: BTreeMap<(&'static str, Labels), Histogram>,
-    gauges: BTreeMap<(&'static str, Labels), f64>,
+    /// Series by metric name, then by rendered label set
+    /// (`model="m",status="ok"`): a sample for a series that exists
+    /// allocates nothing.
+    counters: BTreeMap<&'static str, BTreeMap<String, u64>>,
+    histograms: BTreeMap<&'static str, BTreeMap<String, Histogram>>,
+    gauges: BTreeMap<&'static str, BTreeMap<String, f64>>,
+    /// Where a sample's label set is rendered for the lookup.
+    scratch: String,
+}
+
+/// Applies `f` to the series of `name` with the label set `key`, created
+/// on first use.
+fn update<V: Default>(
+    map: &mut BTreeMap<&'static str, BTreeMap<String, V>>,
+    name: &'static str,
+    key: &str,
+    f: impl FnOnce(&mut V),
+) {
+    let by_labels = map.entry(name).or_default();
+    match by_labels.get_mut(key) {
+        Some(v) => f(v),
+        None => f(by_labels.entry(key.to_string()).or_default()),
+    }
+}
+
+/// Renders label pairs as Prometheus writes them inside the braces.
+fn render_labels(out: &mut String, pairs: &[(&'static str, &str)]) {
+    out.clear();
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(k);
+        out.push_str("=\"");
+        for c in v.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
 }
 
 /// Help text of every metric, in render order.
@@ -101,29 +140,36 @@ pub struct Metrics {
     inner: Mutex<Inner>,
 }
 
-fn labels(pairs: &[(&'static str, &str)]) -> Labels {
-    pairs.iter().map(|(k, v)| (*k, (*v).to_string())).collect()
-}
-
 impl Metrics {
     pub fn inc(&self, name: &'static str, pairs: &[(&'static str, &str)], by: u64) {
         if let Ok(mut g) = self.inner.lock() {
-            *g.counters.entry((name, labels(pairs))).or_default() += by;
+            let Inner {
+                counters, scratch, ..
+            } = &mut *g;
+            render_labels(scratch, pairs);
+            update(counters, name, scratch, |c| *c += by);
         }
     }
 
     pub fn observe(&self, name: &'static str, pairs: &[(&'static str, &str)], v: f64) {
         if let Ok(mut g) = self.inner.lock() {
-            g.histograms
-                .entry((name, labels(pairs)))
-                .or_default()
-                .observe(v);
+            let Inner {
+                histograms,
+                scratch,
+                ..
+            } = &mut *g;
+            render_labels(scratch, pairs);
+            update(histograms, name, scratch, |h| h.observe(v));
         }
     }
 
     pub fn set(&self, name: &'static str, pairs: &[(&'static str, &str)], v: f64) {
         if let Ok(mut g) = self.inner.lock() {
-            g.gauges.insert((name, labels(pairs)), v);
+            let Inner {
+                gauges, scratch, ..
+            } = &mut *g;
+            render_labels(scratch, pairs);
+            update(gauges, name, scratch, |g| *g = v);
         }
     }
 
@@ -132,46 +178,33 @@ impl Metrics {
         let Ok(g) = self.inner.lock() else {
             return out;
         };
+        let braces = |l: &str| {
+            if l.is_empty() {
+                String::new()
+            } else {
+                format!("{{{l}}}")
+            }
+        };
+        let sep = |l: &str| if l.is_empty() { "" } else { "," };
         for (name, kind, help) in HELP {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for ((n, l), v) in g.counters.iter().filter(|((n, _), _)| n == name) {
-                let _ = writeln!(out, "{n}{} {v}", fmt_labels(l, None));
+            for (l, v) in g.counters.get(name).into_iter().flatten() {
+                let _ = writeln!(out, "{name}{} {v}", braces(l));
             }
-            for ((n, l), v) in g.gauges.iter().filter(|((n, _), _)| n == name) {
-                let _ = writeln!(out, "{n}{} {v}", fmt_labels(l, None));
+            for (l, v) in g.gauges.get(name).into_iter().flatten() {
+                let _ = writeln!(out, "{name}{} {v}", braces(l));
             }
-            for ((n, l), h) in g.histograms.iter().filter(|((n, _), _)| n == name) {
+            for (l, h) in g.histograms.get(name).into_iter().flatten() {
                 for (i, b) in BUCKETS.iter().enumerate() {
                     let c = h.counts.get(i).copied().unwrap_or(0);
-                    let _ = writeln!(out, "{n}_bucket{} {c}", fmt_labels(l, Some(&b.to_string())));
+                    let _ = writeln!(out, "{name}_bucket{{{l}{}le=\"{b}\"}} {c}", sep(l));
                 }
-                let _ = writeln!(out, "{n}_bucket{} {}", fmt_labels(l, Some("+Inf")), h.count);
-                let _ = writeln!(out, "{n}_sum{} {}", fmt_labels(l, None), h.sum);
-                let _ = writeln!(out, "{n}_count{} {}", fmt_labels(l, None), h.count);
+                let _ = writeln!(out, "{name}_bucket{{{l}{}le=\"+Inf\"}} {}", sep(l), h.count);
+                let _ = writeln!(out, "{name}_sum{} {}", braces(l), h.sum);
+                let _ = writeln!(out, "{name}_count{} {}", braces(l), h.count);
             }
         }
         out
-    }
-}
-
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-fn fmt_labels(l: &Labels, le: Option<&str>) -> String {
-    let mut parts: Vec<String> = l
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-        .collect();
-    if let Some(le) = le {
-        parts.push(format!("le=\"{le}\""));
-    }
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("{{{}}}", parts.join(","))
     }
 }
 
