@@ -659,7 +659,7 @@ fn failed(e: &rusqlite::Error) -> StoreError {
     StoreError::Invalid(format!("database error: {e}"))
 }
 
-fn exec(conn: &Connection, s: &Stmt) -> Result<usize> {
+fn exec(conn: &Connection, s: &Stmt<'_>) -> Result<usize> {
     Ok(conn
         .prepare_cached(&s.sql)?
         .execute(params_from_iter(s.vals.iter()))?)
@@ -710,7 +710,12 @@ fn apply(
                         match deltas {
                             Some(deltas) => {
                                 for (account, amount) in moved {
-                                    *deltas.entry(account).or_insert(0) += amount;
+                                    match deltas.get_mut(&*account) {
+                                        Some(d) => *d += amount,
+                                        None => {
+                                            deltas.insert(account.into_owned(), amount);
+                                        }
+                                    }
                                 }
                             }
                             None => {
@@ -809,7 +814,8 @@ mod tests {
 
         // Make the third row collide: the first two are written, then the
         // statement fails.
-        let third_id = match &stmt.vals[12] {
+        // Values: the first row's six, then four per row (id first).
+        let third_id = match &stmt.vals[10] {
             sql::Val::Text(id) => id.clone(),
             other => panic!("unexpected value {other:?}"),
         };
