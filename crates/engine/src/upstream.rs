@@ -19,6 +19,7 @@
 //! server and Ollama continue a trailing assistant message by default.
 //! Servers that do neither start a fresh assistant turn after it.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -30,7 +31,7 @@ use http_body_util::{BodyDataStream, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::ResponseFuture;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_proto::miner::{FinishReason, InvokeEvent, InvokeRequest, PromptInput};
 use sluice_proto::sse::{SseDecoder, DONE};
@@ -241,6 +242,141 @@ enum Kind {
     Text,
 }
 
+/// What one upstream answer (or stream chunk) says, however it was read.
+struct Said {
+    /// The `error` member's message, when there is one.
+    error: Option<String>,
+    /// Prompt and completion tokens, when `usage` gives both.
+    usage: Option<(u32, u32)>,
+    /// The first choice's text (`message.content`, `delta.content` or
+    /// `text`) and finish reason; `None` when there are no choices.
+    first: Option<(Option<String>, Option<FinishReason>)>,
+}
+
+fn tokens(n: u64) -> u32 {
+    n.min(u32::MAX as u64) as u32
+}
+
+fn finish(reason: &str) -> FinishReason {
+    if reason == "length" {
+        FinishReason::Length
+    } else {
+        FinishReason::Stop
+    }
+}
+
+impl Said {
+    /// Reads the few members the engine needs straight into [`Fast`]; an
+    /// answer that does not fit it (an error, a member of an unexpected
+    /// type, a repeated key) is read through a `Value`, which tolerates
+    /// anything that is JSON. `None`: not JSON.
+    fn read(bytes: &[u8], kind: Kind, whole: bool) -> Option<Said> {
+        // serde would read a struct from an array too: objects only.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+            if let Ok(f) = serde_json::from_slice::<Fast>(bytes) {
+                if !f.error {
+                    return Some(f.said(kind, whole));
+                }
+            }
+        }
+        serde_json::from_slice::<Value>(bytes)
+            .ok()
+            .map(|v| Said::from_value(&v, kind, whole))
+    }
+
+    fn from_value(v: &Value, kind: Kind, whole: bool) -> Said {
+        let error = v.get("error").map(|err| {
+            err["message"]
+                .as_str()
+                .or_else(|| err.as_str())
+                .unwrap_or("upstream error")
+                .to_string()
+        });
+        let usage = v.get("usage").filter(|u| u.is_object()).and_then(|u| {
+            let n = |k: &str| u[k].as_u64().map(tokens);
+            Some((n("prompt_tokens")?, n("completion_tokens")?))
+        });
+        let first = v["choices"].get(0).map(|c| {
+            let text = match (kind, whole) {
+                (Kind::Chat, true) => &c["message"]["content"],
+                (Kind::Chat, false) => &c["delta"]["content"],
+                (Kind::Text, _) => &c["text"],
+            };
+            (
+                text.as_str().map(str::to_string),
+                c["finish_reason"].as_str().map(finish),
+            )
+        });
+        Said {
+            error,
+            usage,
+            first,
+        }
+    }
+}
+
+/// The members of an OpenAI-style answer or chunk the engine reads, typed:
+/// no tree is built for the rest. Strict on purpose (see [`Said::read`]).
+#[derive(Deserialize)]
+struct Fast<'a> {
+    /// Whether there is an `error` member at all (even `null`).
+    #[serde(default, deserialize_with = "present")]
+    error: bool,
+    #[serde(default)]
+    usage: Option<FastUsage>,
+    #[serde(default, borrow)]
+    choices: Option<Vec<FastChoice<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct FastUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct FastChoice<'a> {
+    #[serde(default)]
+    message: Option<FastContent>,
+    #[serde(default)]
+    delta: Option<FastContent>,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct FastContent {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
+}
+
+impl Fast<'_> {
+    fn said(self, kind: Kind, whole: bool) -> Said {
+        let usage = self
+            .usage
+            .and_then(|u| Some((tokens(u.prompt_tokens?), tokens(u.completion_tokens?))));
+        let first = self.choices.and_then(|c| c.into_iter().next()).map(|c| {
+            let text = match (kind, whole) {
+                (Kind::Chat, true) => c.message.and_then(|m| m.content),
+                (Kind::Chat, false) => c.delta.and_then(|m| m.content),
+                (Kind::Text, _) => c.text,
+            };
+            (text, c.finish_reason.as_deref().map(finish))
+        });
+        Said {
+            error: None,
+            usage,
+            first,
+        }
+    }
+}
+
 enum Phase {
     Send(ResponseFuture),
     Streaming(BodyDataStream<Incoming>),
@@ -286,62 +422,44 @@ impl Run {
         self.phase = Phase::Finished;
     }
 
-    /// Takes an `error` object and the usage out of one upstream JSON
-    /// value; false when it was an error (the run has failed).
-    fn usage_or_error(&mut self, v: &Value) -> bool {
-        if let Some(err) = v.get("error") {
-            let message = err["message"]
-                .as_str()
-                .or_else(|| err.as_str())
-                .unwrap_or("upstream error");
+    /// Takes the error and the usage out of what one upstream answer or
+    /// chunk said; false when it was an error (the run has failed).
+    fn usage_or_error(&mut self, said: &mut Said) -> bool {
+        if let Some(message) = said.error.take() {
             self.fail(format!("upstream: {message}"), true);
             return false;
         }
-        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-            let n = |k: &str| u[k].as_u64().map(|x| x.min(u32::MAX as u64) as u32);
-            if let (Some(p), Some(c)) = (n("prompt_tokens"), n("completion_tokens")) {
-                self.usage = Some((p, c));
-            }
+        if said.usage.is_some() {
+            self.usage = said.usage;
         }
         true
     }
 
-    fn finish_reason(&mut self, choice: &Value) {
-        if let Some(reason) = choice["finish_reason"].as_str() {
-            self.finish = Some(if reason == "length" {
-                FinishReason::Length
-            } else {
-                FinishReason::Stop
-            });
+    fn finish_reason(&mut self, reason: Option<FinishReason>) {
+        if reason.is_some() {
+            self.finish = reason;
         }
     }
 
     /// Handles a whole non-streamed answer.
     fn whole(&mut self, body: &[u8]) {
-        let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        let Some(mut said) = Said::read(body, self.kind, true) else {
             self.fail("upstream sent a malformed answer".into(), true);
             return;
         };
-        if !self.usage_or_error(&v) {
+        if !self.usage_or_error(&mut said) {
             return;
         }
-        let Some(choice) = v["choices"].get(0) else {
+        let Some((text, reason)) = said.first else {
             self.fail("upstream answer has no choices".into(), true);
             return;
         };
-        let text = match self.kind {
-            Kind::Chat => choice["message"]["content"].as_str(),
-            Kind::Text => choice["text"].as_str(),
-        };
-        if let Some(t) = text.filter(|t| !t.is_empty()) {
+        if let Some(text) = text.filter(|t| !t.is_empty()) {
             let tokens = self.usage.map_or(1, |(_, c)| c.max(1));
             self.chunks = tokens;
-            self.pending.push_back(InvokeEvent::Text {
-                text: t.to_string(),
-                tokens,
-            });
+            self.pending.push_back(InvokeEvent::Text { text, tokens });
         }
-        self.finish_reason(choice);
+        self.finish_reason(reason);
         self.done();
     }
 
@@ -351,28 +469,22 @@ impl Run {
             self.done();
             return;
         }
-        let Ok(v) = serde_json::from_str::<Value>(payload) else {
+        let Some(mut said) = Said::read(payload.as_bytes(), self.kind, false) else {
             self.fail("upstream sent a malformed stream chunk".into(), true);
             return;
         };
-        if !self.usage_or_error(&v) {
+        if !self.usage_or_error(&mut said) {
             return;
         }
-        let Some(choice) = v["choices"].get(0) else {
+        let Some((text, reason)) = said.first else {
             return;
         };
-        let text = match self.kind {
-            Kind::Chat => choice["delta"]["content"].as_str(),
-            Kind::Text => choice["text"].as_str(),
-        };
-        if let Some(t) = text.filter(|t| !t.is_empty()) {
+        if let Some(text) = text.filter(|t| !t.is_empty()) {
             self.chunks += 1;
-            self.pending.push_back(InvokeEvent::Text {
-                text: t.to_string(),
-                tokens: 1,
-            });
+            self.pending
+                .push_back(InvokeEvent::Text { text, tokens: 1 });
         }
-        self.finish_reason(choice);
+        self.finish_reason(reason);
     }
 
     /// Advances until an event is ready or the run is over.
@@ -507,6 +619,81 @@ impl Engine for UpstreamEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both ways of reading an answer agree, and what the typed one
+    /// refuses still reads as it did through `Value`.
+    #[test]
+    fn answers_read_the_same_typed_or_as_values() {
+        let cases: &[(&str, Kind, bool)] = &[
+            (
+                r#"{"choices":[{"message":{"content":"hi"},"finish_reason":"length"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+                Kind::Chat,
+                true,
+            ),
+            (
+                r#"{"choices":[{"delta":{"content":"h\u00e9"},"finish_reason":null}]}"#,
+                Kind::Chat,
+                false,
+            ),
+            (
+                r#"{"choices":[{"text":"x","finish_reason":"stop"}],"usage":{"prompt_tokens":1}}"#,
+                Kind::Text,
+                true,
+            ),
+            (r#"{"choices":[],"usage":null}"#, Kind::Chat, true),
+            (
+                r#"{"choices":[{"message":{"content":null}}]}"#,
+                Kind::Chat,
+                true,
+            ),
+            (r#"{"id":"x","object":"chat.completion"}"#, Kind::Chat, true),
+        ];
+        for (body, kind, whole) in cases {
+            let fast: Fast = serde_json::from_slice(body.as_bytes()).unwrap();
+            let a = fast.said(*kind, *whole);
+            let v: Value = serde_json::from_str(body).unwrap();
+            let b = Said::from_value(&v, *kind, *whole);
+            assert_eq!(
+                (a.error, a.usage, a.first),
+                (b.error, b.usage, b.first),
+                "{body}"
+            );
+        }
+        // Refused by the typed reader, read through Value.
+        // (answer, error message, usage)
+        type Odd<'a> = (&'a str, Option<&'a str>, Option<(u32, u32)>);
+        let odd: &[Odd] = &[
+            (r#"{"error":{"message":"boom"}}"#, Some("boom"), None),
+            (r#"{"error":"plain"}"#, Some("plain"), None),
+            (r#"{"error":null}"#, Some("upstream error"), None),
+            (
+                r#"{"usage":{"prompt_tokens":1.5,"completion_tokens":2}}"#,
+                None,
+                None,
+            ),
+            (
+                r#"{"usage":{"prompt_tokens":1,"completion_tokens":2},"usage":{"prompt_tokens":4,"completion_tokens":5}}"#,
+                None,
+                Some((4, 5)),
+            ),
+        ];
+        for (body, error, usage) in odd {
+            let said = Said::read(body.as_bytes(), Kind::Chat, true).unwrap();
+            assert_eq!(said.error.as_deref(), *error, "{body}");
+            assert_eq!(said.usage, *usage, "{body}");
+        }
+        let said = Said::read(
+            br#"{"choices":[{"message":{"content":7}}]}"#,
+            Kind::Chat,
+            true,
+        )
+        .unwrap();
+        assert_eq!(said.first, Some((None, None)));
+        assert!(Said::read(b"not json", Kind::Chat, true).is_none());
+        // An array is no answer, even one serde could read a struct from.
+        let said = Said::read(br#"[false, null, [{"text":"x"}]]"#, Kind::Text, true).unwrap();
+        assert!(said.first.is_none());
+    }
     use futures_util::StreamExt;
     use sluice_bench::mock::{self, MockOptions, MockServer, COMPLETION_TOKENS, PROMPT_TOKENS};
     use sluice_proto::miner::{GenerationParams, PromptMessage};
