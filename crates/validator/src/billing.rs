@@ -10,6 +10,9 @@
 //! Requests the service fails to serve give back their quota, their
 //! window entry and their reservation.
 
+use std::fmt::Write;
+
+use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use sluice_store::ledger::{format_usd, ms_until_utc_midnight, utc_day, Settlement};
 use sluice_store::{now_ms, Chute};
@@ -17,7 +20,7 @@ use sluice_store::{now_ms, Chute};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::forward::Trace;
-use crate::limits::{reset_string, Exceeded, WindowLimits};
+use crate::limits::{Exceeded, Reset, WindowLimits};
 use crate::AppState;
 
 /// What the `x-ratelimit-*` headers report.
@@ -33,27 +36,36 @@ pub struct RateHeaders {
 
 impl RateHeaders {
     pub fn apply(&self, headers: &mut HeaderMap) {
-        const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
-        const REMAINING_REQUESTS: HeaderName =
-            HeaderName::from_static("x-ratelimit-remaining-requests");
-        const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
-        const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
-        const REMAINING_TOKENS: HeaderName =
-            HeaderName::from_static("x-ratelimit-remaining-tokens");
-        const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
-        let reset = |ms| HeaderValue::from_str(&reset_string(ms)).ok();
-        headers.insert(LIMIT_REQUESTS, HeaderValue::from(self.limit_requests));
-        headers.insert(
-            REMAINING_REQUESTS,
-            HeaderValue::from(self.remaining_requests),
-        );
-        if let Some(v) = reset(self.reset_requests_ms) {
-            headers.insert(RESET_REQUESTS, v);
+        const NAMES: [HeaderName; 6] = [
+            HeaderName::from_static("x-ratelimit-limit-requests"),
+            HeaderName::from_static("x-ratelimit-remaining-requests"),
+            HeaderName::from_static("x-ratelimit-reset-requests"),
+            HeaderName::from_static("x-ratelimit-limit-tokens"),
+            HeaderName::from_static("x-ratelimit-remaining-tokens"),
+            HeaderName::from_static("x-ratelimit-reset-tokens"),
+        ];
+        // The six values are slices of one buffer: one allocation, not six.
+        let mut buf = String::with_capacity(96);
+        let mut ends = [0usize; 6];
+        let values: [&dyn std::fmt::Display; 6] = [
+            &self.limit_requests,
+            &self.remaining_requests,
+            &Reset(self.reset_requests_ms),
+            &self.limit_tokens,
+            &self.remaining_tokens,
+            &Reset(self.reset_tokens_ms),
+        ];
+        for (end, value) in ends.iter_mut().zip(values) {
+            let _ = write!(buf, "{value}");
+            *end = buf.len();
         }
-        headers.insert(LIMIT_TOKENS, HeaderValue::from(self.limit_tokens));
-        headers.insert(REMAINING_TOKENS, HeaderValue::from(self.remaining_tokens));
-        if let Some(v) = reset(self.reset_tokens_ms) {
-            headers.insert(RESET_TOKENS, v);
+        let bytes = Bytes::from(buf);
+        let mut start = 0;
+        for (name, end) in NAMES.into_iter().zip(ends) {
+            if let Ok(v) = HeaderValue::from_maybe_shared(bytes.slice(start..end)) {
+                headers.insert(name, v);
+            }
+            start = end;
         }
     }
 }
@@ -302,4 +314,38 @@ pub async fn finish(
         }
     }
     (cost, Some(settlement))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_headers_carry_each_value() {
+        let mut headers = HeaderMap::new();
+        RateHeaders {
+            limit_requests: 200,
+            remaining_requests: 7,
+            reset_requests_ms: 250,
+            limit_tokens: 40_000,
+            remaining_tokens: 0,
+            reset_tokens_ms: 3_723_000,
+        }
+        .apply(&mut headers);
+        let got: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("x-ratelimit-limit-requests", "200"),
+                ("x-ratelimit-remaining-requests", "7"),
+                ("x-ratelimit-reset-requests", "250ms"),
+                ("x-ratelimit-limit-tokens", "40000"),
+                ("x-ratelimit-remaining-tokens", "0"),
+                ("x-ratelimit-reset-tokens", "1h2m3s"),
+            ]
+        );
+    }
 }

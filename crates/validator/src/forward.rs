@@ -100,6 +100,25 @@ pub struct Trace {
 
 pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> Trace {
     let started = Instant::now();
+    let Job {
+        request_id,
+        model,
+        input,
+        params,
+        deadline: job_deadline,
+        priority,
+        stream,
+    } = job;
+    let max_tokens = params.max_tokens;
+    // Built once; each attempt updates its budget and continuation.
+    let mut invoke = InvokeRequest {
+        request_id,
+        model,
+        input,
+        params,
+        continuation: String::new(),
+        stream,
+    };
     let mut trace = Trace {
         status: "ok",
         ..Default::default()
@@ -130,12 +149,12 @@ pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> 
         // Only the first attempt may wait for the whole deadline; failover
         // after text was produced gets a short bounded wait.
         let deadline = if produced.is_empty() {
-            job.deadline
+            job_deadline
         } else {
-            job.deadline.max(Instant::now() + Duration::from_secs(10))
+            job_deadline.max(Instant::now() + Duration::from_secs(10))
         };
         if trace.attempts > 0 && !state.retry_budget.try_spend() {
-            tracing::warn!(request_id = %job.request_id, "retry budget exhausted; not retrying");
+            tracing::warn!(request_id = %invoke.request_id, "retry budget exhausted; not retrying");
             trace.status = "all_targets_failed";
             break ApiError::AllTargetsFailed {
                 attempts: trace.attempts,
@@ -143,7 +162,7 @@ pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> 
         }
         let mut lease = match state
             .registry
-            .acquire(&job.model, deadline, &tried, job.priority)
+            .acquire(&invoke.model, deadline, &tried, priority)
             .await
         {
             Ok(l) => l,
@@ -153,7 +172,7 @@ pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> 
                     break fail(
                         &mut trace,
                         ApiError::NoCapacity {
-                            model: job.model.clone(),
+                            model: invoke.model.clone(),
                             retry_after_s,
                         },
                         "no_capacity",
@@ -177,25 +196,15 @@ pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> 
         if trace.attempts > 0 {
             state
                 .metrics
-                .inc("sluice_failovers_total", &[("model", &job.model)], 1);
+                .inc("sluice_failovers_total", &[("model", &invoke.model)], 1);
         }
         trace.attempts += 1;
         tried.push(lease.instance.id.clone());
         let miner_key = lease.instance.miner_key.clone();
         trace.miner_key = Some(miner_key.clone());
 
-        let mut params = job.params.clone();
-        if let Some(max) = params.max_tokens {
-            params.max_tokens = Some(max.saturating_sub(generated).max(1));
-        }
-        let invoke = InvokeRequest {
-            request_id: job.request_id.clone(),
-            model: job.model.clone(),
-            input: job.input.clone(),
-            params,
-            continuation: produced.clone(),
-            stream: job.stream,
-        };
+        invoke.params.max_tokens = max_tokens.map(|max| max.saturating_sub(generated).max(1));
+        invoke.continuation.clone_from(&produced);
         let outcome = attempt(
             &state,
             &mut lease,
@@ -231,7 +240,7 @@ pub async fn drive(state: AppState, job: Job, tx: mpsc::Sender<DriverEvent>) -> 
                 return trace;
             }
             Attempt::Failed { tokens, why } => {
-                tracing::warn!(request_id = %job.request_id, instance = %lease.instance.id, %why, tokens, "attempt failed; trying another instance");
+                tracing::warn!(request_id = %invoke.request_id, instance = %lease.instance.id, %why, tokens, "attempt failed; trying another instance");
                 lease.failed();
                 generated += tokens;
                 if tokens > 0 {

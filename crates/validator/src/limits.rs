@@ -391,18 +391,27 @@ return 0
 
 /// OpenAI-style duration for reset headers: `1s`, `6m0s`, `1h2m3s`, `250ms`.
 pub fn reset_string(ms: i64) -> String {
-    let ms = ms.max(0);
-    if ms < 1000 {
-        return format!("{ms}ms");
-    }
-    let s = (ms + 999) / 1000;
-    let (h, m, s) = (s / 3600, (s % 3600) / 60, s % 60);
-    if h > 0 {
-        format!("{h}h{m}m{s}s")
-    } else if m > 0 {
-        format!("{m}m{s}s")
-    } else {
-        format!("{s}s")
+    Reset(ms).to_string()
+}
+
+/// A reset duration in milliseconds, displayed as [`reset_string`] gives it.
+pub struct Reset(pub i64);
+
+impl std::fmt::Display for Reset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.0.max(0);
+        if ms < 1000 {
+            return write!(f, "{ms}ms");
+        }
+        let s = (ms + 999) / 1000;
+        let (h, m, s) = (s / 3600, (s % 3600) / 60, s % 60);
+        if h > 0 {
+            write!(f, "{h}h{m}m{s}s")
+        } else if m > 0 {
+            write!(f, "{m}m{s}s")
+        } else {
+            write!(f, "{s}s")
+        }
     }
 }
 
