@@ -59,6 +59,12 @@ pub struct SluiceGatewayArgs {
 
 /// The hidden `bench sluice-gateway`: a validator and one miner whose
 /// engine forwards to `--upstream`, a fresh key, then `ready:` on stdout.
+///
+/// The validator and the miner each run on a runtime of their own with one
+/// thread, as two processes given a core each would. On one shared
+/// two-worker runtime, tokio's workers woke each other several times per
+/// request (about a fifth more CPU per request at concurrency 32; see the
+/// README's benchmark section).
 pub async fn serve_sluice(args: SluiceGatewayArgs) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir)?;
     let shutdown = CancellationToken::new();
@@ -71,13 +77,27 @@ pub async fn serve_sluice(args: SluiceGatewayArgs) -> Result<()> {
         paid_tpm: 1_000_000_000_000,
         ..Default::default()
     };
-    let validator = sluice_validator::start(vcfg, shutdown.clone()).await?;
-    let base = format!("http://{}", validator.addr);
-    let store = &validator.state.store;
-    let user = store.create_user("bench", "paid").await?;
-    let (_, key) = store.create_key(&user, "bench").await?;
-    // $1,000 in pico-dollars: far more than any run spends.
-    store.add_funds(&user, 1_000_000_000_000_000).await?;
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let stop = shutdown.clone();
+    let validator = own_runtime("sluice-validator", async move {
+        let validator = sluice_validator::start(vcfg, stop).await?;
+        let store = &validator.state.store;
+        let user = store.create_user("bench", "paid").await?;
+        let (_, key) = store.create_key(&user, "bench").await?;
+        // $1,000 in pico-dollars: far more than any run spends.
+        store.add_funds(&user, 1_000_000_000_000_000).await?;
+        let registry = validator.state.registry.clone();
+        let _ = ready_tx.send((validator.addr, key, registry));
+        validator.handle.await.context("validator task")??;
+        Ok(())
+    })?;
+    let Ok((addr, key, registry)) = ready_rx.await else {
+        return Err(join(validator)
+            .await
+            .err()
+            .unwrap_or_else(|| anyhow::anyhow!("the validator stopped before it was ready")));
+    };
+    let base = format!("http://{addr}");
     let mcfg = MinerConfig {
         validator: base.clone(),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -90,19 +110,29 @@ pub async fn serve_sluice(args: SluiceGatewayArgs) -> Result<()> {
             api_key: None,
         },
     };
-    let engine = sluice_miner::config::build_engine(&mcfg.engine, None)?;
-    let miner = sluice_miner::start(mcfg, engine, shutdown.clone()).await?;
+    let stop = shutdown.clone();
+    let miner = own_runtime("sluice-miner", async move {
+        let engine = sluice_miner::config::build_engine(&mcfg.engine, None)?;
+        let miner = sluice_miner::start(mcfg, engine, stop).await?;
+        miner.handle.await.context("miner task")??;
+        Ok(())
+    })?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while validator
-        .state
-        .registry
+    while registry
         .routable_counts()
         .iter()
         .map(|(_, n)| n)
         .sum::<usize>()
         == 0
     {
+        if miner.is_finished() || validator.is_finished() {
+            shutdown.cancel();
+            join(miner).await?;
+            join(validator).await?;
+            bail!("the gateway stopped while the miner registered");
+        }
         if tokio::time::Instant::now() > deadline {
+            shutdown.cancel();
             bail!("the miner did not register within 30 s");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -114,9 +144,33 @@ pub async fn serve_sluice(args: SluiceGatewayArgs) -> Result<()> {
         _ = shutdown.cancelled() => {}
     }
     shutdown.cancel();
-    let _ = miner.handle.await;
-    validator.handle.await.context("validator task")??;
-    Ok(())
+    let miner = join(miner).await;
+    join(validator).await?;
+    miner
+}
+
+/// Runs `fut` to completion on a single-threaded runtime on a thread of
+/// its own.
+fn own_runtime<F>(name: &str, fut: F) -> Result<std::thread::JoinHandle<Result<()>>>
+where
+    F: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || rt.block_on(fut))?)
+}
+
+/// Waits for a thread from [`own_runtime`] without blocking this runtime.
+async fn join(thread: std::thread::JoinHandle<Result<()>>) -> Result<()> {
+    tokio::task::spawn_blocking(move || {
+        thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("a gateway thread panicked"))?
+    })
+    .await?
 }
 
 /// How much load each step applies.
