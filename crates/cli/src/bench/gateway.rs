@@ -614,7 +614,7 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         0,
     );
     println!(
-        "(\"direct\" is the mock itself; its CPU row is the mock's own cost. Sluice = validator + miner in one process, two HTTP hops. Throughput and CPU share {cores} cores with the load generator.)"
+        "(\"direct\" is the mock itself; its CPU row is the mock's own cost. Sluice = validator + miner in one process, each on a one-thread runtime of its own, two HTTP hops. Throughput and CPU share {cores} cores with the load generator.)"
     );
     for (g, gw) in gateways.iter().enumerate() {
         if let Some(e) = results[g].iter().find_map(|m| m.first_error.clone()) {
