@@ -61,9 +61,22 @@ pub type InvokeClient = hyper_util::client::legacy::Client<
     http_body_util::Full<bytes::Bytes>,
 >;
 
-/// Shared state: cheap to clone, every part behind an `Arc`.
+/// Shared state behind one `Arc`: a request clones it several times (the
+/// handler, its driver task, the settlement), and one reference count is
+/// cheaper to move than fifteen.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] shares.
+pub struct Shared {
     pub config: Arc<ValidatorConfig>,
     pub store: Store,
     pub registry: Arc<Registry>,
@@ -89,7 +102,7 @@ pub struct AppState {
     chutes: Arc<RwLock<Arc<Vec<Chute>>>>,
 }
 
-impl AppState {
+impl Shared {
     pub fn chutes(&self) -> Arc<Vec<Chute>> {
         match self.chutes.read() {
             Ok(c) => c.clone(),
@@ -320,7 +333,7 @@ pub async fn start(
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
-    let state = AppState {
+    let state = AppState(Arc::new(Shared {
         registry: Arc::new(Registry::new(
             Duration::from_secs_f64(config.heartbeat_timeout_s),
             config.max_queue_per_chute,
@@ -340,7 +353,7 @@ pub async fn start(
         replica_id,
         tasks: TaskTracker::new(),
         chutes: Arc::new(RwLock::new(Arc::new(Vec::new()))),
-    };
+    }));
     state.refresh_chutes().await;
     // Other replicas may add chutes: reload them periodically.
     let refresher = state.clone();
