@@ -23,7 +23,6 @@ use sluice_proto::miner::{
     verify_invoke_mac, HeartbeatRequest, InvokeEvent, InvokeRequest, NonceResponse, OfferedChute,
     RegisterRequest, RegisterResponse, HDR_MAC, HDR_REQUEST_ID, HDR_TIMESTAMP, HDR_VALIDATOR,
 };
-use sluice_proto::sse::encode_data;
 use std::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -220,10 +219,17 @@ async fn invoke(State(state): State<MinerState>, headers: HeaderMap, body: Bytes
     let frames = futures_util::stream::iter(first)
         .chain(chunks)
         .map(|events: Vec<InvokeEvent>| {
-            let mut frame = String::new();
+            // Each event is serialized straight into the frame: compact
+            // JSON has no raw newline, so it is one `data:` line as is.
+            let mut frame = Vec::with_capacity(96 * events.len());
             for ev in &events {
-                let payload = serde_json::to_string(ev).unwrap_or_else(|_| "{}".into());
-                frame.push_str(&encode_data(&payload));
+                frame.extend_from_slice(b"data: ");
+                let start = frame.len();
+                if serde_json::to_writer(&mut frame, ev).is_err() {
+                    frame.truncate(start);
+                    frame.extend_from_slice(b"{}");
+                }
+                frame.extend_from_slice(b"\n\n");
             }
             Ok::<_, std::convert::Infallible>(Bytes::from(frame))
         });
