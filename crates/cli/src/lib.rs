@@ -237,6 +237,22 @@ impl Cli {
             _ => "info",
         }
     }
+
+    /// Whether the command runs on a one-thread runtime: the gateway
+    /// benchmark's load generator and mock upstream share two cores with
+    /// what they measure, and a second worker thread in each cost more in
+    /// wake-ups between the workers than it added (see the README's
+    /// Benchmarks section). `bench sluice-gateway` gives the validator and
+    /// the miner runtimes of their own.
+    pub fn single_threaded(&self) -> bool {
+        use bench::BenchCommand as B;
+        matches!(
+            &self.command,
+            Command::Bench {
+                command: B::Gateway(_) | B::MockUpstream(_) | B::SluiceGateway(_)
+            }
+        )
+    }
 }
 
 pub fn init_logging(default_level: &str) {
