@@ -3,7 +3,14 @@
 //! count or a time limit is reached. Records the latency of every
 //! successful request and, for streams, the time to the first SSE event
 //! that carries generated text.
+//!
+//! Each worker owns one keep-alive connection and drives it in its own
+//! task (hyper's low-level HTTP/1 client): no pool to check out of and no
+//! connection task to hand each request to. The generator shares the cores
+//! with what it measures, so every microsecond it spends is one a gateway
+//! cannot.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,8 +18,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::{BodyDataStream, BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use sluice_proto::sse::{SseDecoder, DONE};
+use tokio::net::TcpStream;
 
 use crate::stats::micros;
 
@@ -65,27 +75,18 @@ impl LoadResult {
     }
 }
 
-/// The load generator's HTTP client: hyper's pooled HTTP/1 client, the
-/// lightest at hand, because the generator shares the cores with what it
-/// measures (every microsecond it spends is one a gateway cannot).
-pub type Client = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
-
 /// Longest wait for one whole answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// An HTTP client sized for benchmark concurrency.
-pub fn client(max_concurrency: usize) -> Client {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_max_idle_per_host(max_concurrency.max(1) * 2)
-        .build(connector)
-}
-
-/// A [`Target`] ready to send: URI and header parsed once.
+/// A [`Target`] ready to send: address, path and headers parsed once.
 struct Prepared {
-    uri: http::Uri,
+    /// `host:port` to connect to.
+    addr: String,
+    /// The request target in origin form (`/v1/...`).
+    path: http::Uri,
+    host: http::HeaderValue,
     authorization: Option<http::HeaderValue>,
     body: Bytes,
     stream: bool,
@@ -93,10 +94,23 @@ struct Prepared {
 
 impl Prepared {
     fn new(target: &Target) -> Result<Prepared, String> {
-        let uri = target
-            .url
+        let bad = |why: &str| format!("url {}: {why}", target.url);
+        let uri: http::Uri = target.url.parse().map_err(|e| bad(&format!("{e}")))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(bad("only http:// is supported"));
+        }
+        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+        let addr = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(80)
+        );
+        let path = uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
             .parse()
-            .map_err(|e| format!("url {}: {e}", target.url))?;
+            .map_err(|e| bad(&format!("{e}")))?;
+        let host = http::HeaderValue::from_str(authority.as_str()).map_err(|_| bad("bad host"))?;
         let authorization = match &target.bearer {
             Some(key) => Some(
                 http::HeaderValue::try_from(format!("Bearer {key}"))
@@ -105,7 +119,9 @@ impl Prepared {
             None => None,
         };
         Ok(Prepared {
-            uri,
+            addr,
+            path,
+            host,
             authorization,
             body: target.body.clone(),
             stream: target.stream,
@@ -136,21 +152,76 @@ enum Outcome {
     Err(String),
 }
 
-async fn one(client: &Client, target: &Prepared) -> Outcome {
-    let start = Instant::now();
-    let mut req = http::Request::post(target.uri.clone())
-        .header(http::header::CONTENT_TYPE, "application/json");
-    if let Some(auth) = &target.authorization {
-        req = req.header(http::header::AUTHORIZATION, auth.clone());
+/// One worker's connection, driven by the worker itself.
+struct Conn {
+    sender: http1::SendRequest<Full<Bytes>>,
+    conn: Pin<Box<http1::Connection<TokioIo<TcpStream>, Full<Bytes>>>>,
+}
+
+impl Conn {
+    async fn open(target: &Prepared) -> Result<Conn, String> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target.addr))
+            .await
+            .map_err(|_| format!("connect {}: timed out", target.addr))?
+            .map_err(|e| format!("connect {}: {e}", target.addr))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {}", sluice_proto::error_chain(&e)))?;
+        Ok(Conn {
+            sender,
+            conn: Box::pin(conn),
+        })
     }
-    let req = match req.body(Full::new(target.body.clone())) {
-        Ok(r) => r,
-        Err(e) => return Outcome::Err(format!("request: {e}")),
-    };
-    let resp = match client.request(req).await {
-        Ok(r) => r,
-        Err(e) => return Outcome::Err(format!("send: {}", sluice_proto::error_chain(&e))),
-    };
+
+    /// One request and its whole answer, while driving the connection.
+    /// An error leaves the connection unusable: the caller drops it.
+    async fn one(&mut self, target: &Prepared) -> Outcome {
+        let Conn { sender, conn } = self;
+        let exchange = async {
+            let start = Instant::now();
+            if let Err(e) = sender.ready().await {
+                return Outcome::Err(format!("send: {}", sluice_proto::error_chain(&e)));
+            }
+            let mut req = http::Request::post(target.path.clone())
+                .header(http::header::HOST, target.host.clone())
+                .header(http::header::CONTENT_TYPE, "application/json");
+            if let Some(auth) = &target.authorization {
+                req = req.header(http::header::AUTHORIZATION, auth.clone());
+            }
+            let req = match req.body(Full::new(target.body.clone())) {
+                Ok(r) => r,
+                Err(e) => return Outcome::Err(format!("request: {e}")),
+            };
+            match sender.send_request(req).await {
+                Ok(resp) => answer(resp, start, target.stream).await,
+                Err(e) => Outcome::Err(format!("send: {}", sluice_proto::error_chain(&e))),
+            }
+        };
+        tokio::select! {
+            biased;
+            out = exchange => out,
+            done = conn.as_mut() => Outcome::Err(match done {
+                Ok(()) => "the server closed the connection".to_string(),
+                Err(e) => format!("connection: {}", sluice_proto::error_chain(&e)),
+            }),
+        }
+    }
+}
+
+/// The worker's connection, opened when it has none.
+async fn connected<'a>(
+    conn: &'a mut Option<Conn>,
+    target: &Prepared,
+) -> Result<&'a mut Conn, String> {
+    if conn.is_none() {
+        *conn = Some(Conn::open(target).await?);
+    }
+    conn.as_mut().ok_or_else(|| "no connection".to_string())
+}
+
+/// Reads a whole answer: its status, and for streams the first text event.
+async fn answer(resp: http::Response<Incoming>, start: Instant, stream: bool) -> Outcome {
     let status = resp.status();
     if !status.is_success() {
         let body = match resp.into_body().collect().await {
@@ -160,7 +231,7 @@ async fn one(client: &Client, target: &Prepared) -> Outcome {
         let short: String = String::from_utf8_lossy(&body).chars().take(200).collect();
         return Outcome::Err(format!("status {status}: {short}"));
     }
-    if !target.stream {
+    if !stream {
         return match resp.into_body().collect().await {
             Ok(_) => Outcome::Ok {
                 latency: start.elapsed(),
@@ -198,7 +269,7 @@ async fn one(client: &Client, target: &Prepared) -> Outcome {
 }
 
 /// Runs closed-loop load against `target`.
-pub async fn run(client: &Client, target: &Target, spec: LoadSpec) -> LoadResult {
+pub async fn run(target: &Target, spec: LoadSpec) -> LoadResult {
     let target = match Prepared::new(target) {
         Ok(t) => Arc::new(t),
         Err(e) => {
@@ -214,19 +285,25 @@ pub async fn run(client: &Client, target: &Target, spec: LoadSpec) -> LoadResult
     let deadline = started + spec.max_duration;
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..spec.concurrency.max(1) {
-        let client = client.clone();
         let target = target.clone();
         let issued = issued.clone();
         workers.spawn(async move {
             let mut part = LoadResult::default();
+            let mut conn: Option<Conn> = None;
             while Instant::now() < deadline
                 && issued.fetch_add(1, Ordering::Relaxed) < spec.requests
             {
-                let outcome = tokio::time::timeout(REQUEST_TIMEOUT, one(&client, &target))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Outcome::Err(format!("no whole answer within {REQUEST_TIMEOUT:?}"))
-                    });
+                let outcome = match connected(&mut conn, &target).await {
+                    Ok(c) => tokio::time::timeout(REQUEST_TIMEOUT, c.one(&target))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Outcome::Err(format!("no whole answer within {REQUEST_TIMEOUT:?}"))
+                        }),
+                    Err(e) => Outcome::Err(e),
+                };
+                if matches!(outcome, Outcome::Err(_)) {
+                    conn = None;
+                }
                 match outcome {
                     Outcome::Ok { latency, ttft } => {
                         part.latencies_us.push(micros(latency));
@@ -295,7 +372,6 @@ mod tests {
         )
         .await
         .unwrap();
-        let c = client(4);
         for stream in [false, true] {
             let target = Target {
                 url: format!("{}/v1/chat/completions", m.base_url()),
@@ -306,7 +382,6 @@ mod tests {
                 stream,
             };
             let r = run(
-                &c,
                 &target,
                 LoadSpec {
                     concurrency: 4,

@@ -285,14 +285,14 @@ impl Measured {
     }
 }
 
-async fn measure(http: &load::Client, gw: &Gateway, plan: &Plan) -> Measured {
+async fn measure(gw: &Gateway, plan: &Plan) -> Measured {
     let mut m = Measured::default();
-    let r = load::run(http, &gw.plain, plan.c1).await;
+    let r = load::run(&gw.plain, plan.c1).await;
     m.absorb(&r);
     m.c1 = Summary::of(&r.latencies_us);
     m.sweep.push((1, r.rps(), m.c1.p99_us));
     for spec in &plan.sweep {
-        let r = load::run(http, &gw.plain, *spec).await;
+        let r = load::run(&gw.plain, *spec).await;
         m.absorb(&r);
         let s = Summary::of(&r.latencies_us);
         m.sweep.push((spec.concurrency, r.rps(), s.p99_us));
@@ -300,7 +300,7 @@ async fn measure(http: &load::Client, gw: &Gateway, plan: &Plan) -> Measured {
     let me = std::process::id();
     let cpu_before = procstat::tree_cpu_time_us(gw.pid);
     let own_before = procstat::cpu_time_us(me);
-    let r = load::run(http, &gw.plain, plan.c32).await;
+    let r = load::run(&gw.plain, plan.c32).await;
     let cpu_after = procstat::tree_cpu_time_us(gw.pid);
     let own_after = procstat::cpu_time_us(me);
     m.absorb(&r);
@@ -313,7 +313,7 @@ async fn measure(http: &load::Client, gw: &Gateway, plan: &Plan) -> Measured {
         m.cpu_us_per_req = per_req(cpu_before, cpu_after);
         m.loadgen_cpu_us_per_req = per_req(own_before, own_after);
     }
-    let r = load::run(http, &gw.stream, plan.stream).await;
+    let r = load::run(&gw.stream, plan.stream).await;
     m.absorb(&r);
     m.ttft = Summary::of(&r.ttft_us);
     m
@@ -459,8 +459,8 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         ));
     }
 
-    let http = load::client(64);
-    // Warm every path (connection pools, LiteLLM's first-request work);
+    // Warm every path (the gateways' connection pools, LiteLLM's
+    // first-request work);
     // a gateway that fails its warm-up is left out (Sluice must work).
     let mut kept = Vec::new();
     for gw in gateways {
@@ -469,9 +469,8 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
             requests: plan.warmup,
             max_duration: Duration::from_secs(60),
         };
-        let r = load::run(&http, &gw.plain, warm).await;
+        let r = load::run(&gw.plain, warm).await;
         let rs = load::run(
-            &http,
             &gw.stream,
             LoadSpec {
                 concurrency: 2,
@@ -500,7 +499,7 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
     for run in 0..plan.runs {
         for (i, gw) in gateways.iter().enumerate() {
             progress(&format!("run {}/{}: {}", run + 1, plan.runs, gw.name));
-            results[i].push(measure(&http, gw, &plan).await);
+            results[i].push(measure(gw, &plan).await);
         }
     }
 
