@@ -133,6 +133,8 @@ pub async fn serve_sluice(args: SluiceGatewayArgs) -> Result<()> {
         }
         if tokio::time::Instant::now() > deadline {
             shutdown.cancel();
+            let _ = join(miner).await;
+            let _ = join(validator).await;
             bail!("the miner did not register within 30 s");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
