@@ -271,8 +271,7 @@ impl Said {
     /// type, a repeated key) is read through a `Value`, which tolerates
     /// anything that is JSON. `None`: not JSON.
     fn read(bytes: &[u8], kind: Kind, whole: bool) -> Option<Said> {
-        // serde would read a struct from an array too: objects only.
-        if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        if sluice_proto::starts_as_json_object(bytes) {
             if let Ok(f) = serde_json::from_slice::<Fast>(bytes) {
                 if !f.error {
                     return Some(f.said(kind, whole));

@@ -22,6 +22,13 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     line
 }
 
+/// Whether JSON text starts as an object. Typed fast paths check it first:
+/// serde reads a struct from an array too, and the documents they must
+/// refuse or read another way are not objects.
+pub fn starts_as_json_object(bytes: &[u8]) -> bool {
+    bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
+
 /// The model id of the chute every fresh network serves.
 pub const DEFAULT_MODEL_ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 /// The GGUF file behind the default chute.

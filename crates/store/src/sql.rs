@@ -293,11 +293,12 @@ fn entries_parts(
     // In the order of `entries_sql`: the first row binds the transaction
     // and the time, which the other rows name again.
     let rows = merged.len();
+    let mut txn = Some(txn);
     let mut vals = Vec::with_capacity(2 + rows * 4);
     for (i, (account, amount, kind)) in merged.into_iter().enumerate() {
         vals.push(Val::Text(crate::ledger::new_id().into()));
-        if i == 0 {
-            vals.push(txn.clone().into());
+        if let Some(txn) = txn.take() {
+            vals.push(txn.into());
         }
         vals.push(Val::Text(account));
         vals.push(amount.into());

@@ -101,8 +101,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // Well-formed objects go straight into `T`. Anything else takes the
     // slow path below, which accepts the same documents (duplicate keys:
     // the last wins) and names the offending field when it refuses one.
-    let object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    if object {
+    if sluice_proto::starts_as_json_object(bytes) {
         if let Ok(v) = serde_json::from_slice(bytes) {
             return Ok(v);
         }
