@@ -46,6 +46,10 @@ pub struct ValidatorConfig {
     pub paid_tpm: u64,
     /// Share of each request's cost kept by the network (the rest goes to miners).
     pub fee_percent: u32,
+    /// Invoke miners over one multiplexed HTTP/2 connection each (without
+    /// upgrade); `false` for HTTP/1.1, e.g. for miners behind a proxy that
+    /// only speaks HTTP/1.
+    pub miner_http2: bool,
 }
 
 impl Default for ValidatorConfig {
@@ -71,6 +75,7 @@ impl Default for ValidatorConfig {
             paid_rpm: 600,
             paid_tpm: 2_000_000,
             fee_percent: 5,
+            miner_http2: true,
         }
     }
 }
