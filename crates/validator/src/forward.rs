@@ -13,7 +13,6 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use http::HeaderName;
 use sluice_proto::miner::{
     invoke_mac_hex, pair_key, parse_public, FinishReason, GenerationParams, InvokeEvent,
@@ -327,9 +326,9 @@ async fn attempt(
             .header(HeaderName::from_static(HDR_TIMESTAMP), ts)
             .header(HeaderName::from_static(HDR_VALIDATOR), &*state.public_key)
             .header(HeaderName::from_static(HDR_MAC), mac)
-            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .body(bytes::Bytes::from(body))
         {
-            Ok(r) => state.invoke_http.request(r),
+            Ok(r) => state.invoker.send(r),
             Err(e) => {
                 return Attempt::Failed {
                     tokens: 0,
@@ -337,12 +336,12 @@ async fn attempt(
                 }
             }
         };
-        let resp = match tokio::time::timeout(first_timeout, request).await {
+        let (status, mut body) = match tokio::time::timeout(first_timeout, request).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 return Attempt::Failed {
                     tokens: 0,
-                    why: format!("send: {}", sluice_proto::error_chain(&e)),
+                    why: format!("send: {e}"),
                 }
             }
             Err(_) => {
@@ -352,13 +351,12 @@ async fn attempt(
                 }
             }
         };
-        if !resp.status().is_success() {
+        if !status.is_success() {
             return Attempt::Failed {
                 tokens: 0,
-                why: format!("miner answered {}", resp.status()),
+                why: format!("miner answered {status}"),
             };
         }
-        let mut body = http_body_util::BodyDataStream::new(resp.into_body());
         let mut decoder = SseDecoder::new();
         let mut tokens: u32 = 0;
         let mut got_text = false;
@@ -384,7 +382,7 @@ async fn attempt(
                 Ok(Some(Err(e))) => {
                     return Attempt::Failed {
                         tokens,
-                        why: format!("stream broke: {}", sluice_proto::error_chain(&e)),
+                        why: format!("stream broke: {e}"),
                     }
                 }
                 Ok(Some(Ok(c))) => c,

@@ -9,6 +9,7 @@ pub mod billing;
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod invoke;
 pub mod limits;
 pub mod metrics;
 pub mod miners_api;
@@ -55,43 +56,6 @@ pub enum ValidatorError {
     Io(String),
 }
 
-/// The client that carries invocations to miners.
-pub type InvokeClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    http_body_util::Full<bytes::Bytes>,
->;
-
-/// The client for invocations. With `http2`, every miner gets one
-/// connection speaking HTTP/2 without upgrade (the miner's server detects
-/// it) and all of the validator's requests to that miner share it: under
-/// load, the frames of many requests leave in one socket write each way
-/// instead of one write per request and direction, which was about a
-/// seventh of the CPU per request (see the README's benchmark section).
-/// Without it, HTTP/1.1 with a pool of keep-alive connections, for miners
-/// behind a proxy that only speaks HTTP/1.
-pub fn invoke_client(http2: bool) -> InvokeClient {
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(3)));
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .timer(hyper_util::rt::TokioTimer::new())
-        .http2_only(http2)
-        // Answers the driver has not forwarded yet (a client reading
-        // slowly) hold flow-control window: a small window per stream and
-        // a large one per connection keep a few stalled streams from
-        // holding up every other request to the same miner.
-        .http2_initial_stream_window_size(256 * 1024)
-        .http2_initial_connection_window_size(64 * 1024 * 1024)
-        // A miner that vanished without closing the connection (a
-        // partition, a frozen host) would otherwise keep it in the pool
-        // for every later request: pings find out.
-        .http2_keep_alive_interval(Some(Duration::from_secs(20)))
-        .http2_keep_alive_timeout(Duration::from_secs(10))
-        .build(connector)
-}
-
 /// Shared state behind one `Arc`: a request clones it several times (the
 /// handler, its driver task, the settlement), and one reference count is
 /// cheaper to move than fifteen.
@@ -117,7 +81,7 @@ pub struct Shared {
     pub http: reqwest::Client,
     /// Invocations: hyper's pooled HTTP/1 client, without reqwest's
     /// per-request layers (redirect policy, URL re-parsing).
-    pub invoke_http: InvokeClient,
+    pub invoker: Arc<invoke::Invoker>,
     pub signing_key: Arc<SigningKey>,
     /// Invocation keys shared with miners, by miner key (see
     /// [`sluice_proto::miner::pair_key`]).
@@ -356,7 +320,7 @@ pub async fn start(
         .tcp_nodelay(true)
         .build()
         .map_err(|e| ValidatorError::Io(format!("http client: {e}")))?;
-    let invoke_http = invoke_client(config.miner_http2);
+    let invoker = Arc::new(invoke::Invoker::new(config.miner_http2));
     let state = AppState(Arc::new(Shared {
         registry: Arc::new(Registry::new(
             Duration::from_secs_f64(config.heartbeat_timeout_s),
@@ -367,7 +331,7 @@ pub async fn start(
         store,
         metrics: Arc::new(Metrics::default()),
         http,
-        invoke_http,
+        invoker,
         public_key: sluice_proto::miner::public_hex(&signing_key).into(),
         signing_key: Arc::new(signing_key),
         invoke_keys: Arc::default(),
@@ -426,45 +390,5 @@ pub async fn start(
 fn set_nodelay(stream: &mut tokio::net::TcpStream) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::trace!(error = %e, "could not set TCP_NODELAY");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use http_body_util::BodyExt;
-
-    /// The HTTP version each request of the invocation client arrives with
-    /// at an axum server (as the miner's), which answers with it.
-    async fn versions_seen(http2: bool) -> Vec<String> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let app = Router::new().route(
-            "/v1/invoke",
-            post(|req: axum::extract::Request| async move { format!("{:?}", req.version()) }),
-        );
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
-        let client = invoke_client(http2);
-        let mut seen = Vec::new();
-        for _ in 0..3 {
-            let req = http::Request::post(format!("http://{addr}/v1/invoke"))
-                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
-                .unwrap();
-            let resp = client.request(req).await.unwrap();
-            assert!(resp.status().is_success());
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            seen.push(String::from_utf8(body.to_vec()).unwrap());
-        }
-        server.abort();
-        seen
-    }
-
-    #[tokio::test]
-    async fn invocations_speak_http2_to_miners_unless_configured_off() {
-        assert_eq!(versions_seen(true).await, vec!["HTTP/2.0"; 3]);
-        assert_eq!(versions_seen(false).await, vec!["HTTP/1.1"; 3]);
-        assert!(ValidatorConfig::default().miner_http2);
-        let off = ValidatorConfig::from_toml("miner_http2 = false").unwrap();
-        assert!(!off.miner_http2);
     }
 }
