@@ -288,6 +288,20 @@ mod tests {
     use axum::routing::post;
     use axum::Router;
 
+    /// Posts `body` to `addr`'s `/v1/invoke` and reads the whole answer.
+    async fn call(invoker: &Invoker, addr: std::net::SocketAddr, body: String) -> String {
+        let req = Request::post(format!("http://{addr}/v1/invoke"))
+            .body(Bytes::from(body))
+            .unwrap();
+        let (status, mut body) = invoker.send(req).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        let mut text = Vec::new();
+        while let Some(chunk) = body.next().await {
+            text.extend_from_slice(&chunk.unwrap());
+        }
+        String::from_utf8(text).unwrap()
+    }
+
     /// The HTTP version and body each invocation arrives with at an axum
     /// server (as the miner's), which answers with both.
     async fn seen(http2: bool) -> Vec<String> {
@@ -312,16 +326,7 @@ mod tests {
         let invoker = Invoker::new(http2);
         let mut seen = Vec::new();
         for i in 0..3 {
-            let req = Request::post(format!("http://{addr}/v1/invoke"))
-                .body(Bytes::from(format!("call {i}")))
-                .unwrap();
-            let (status, mut body) = invoker.send(req).await.unwrap();
-            assert_eq!(status, StatusCode::OK);
-            let mut text = Vec::new();
-            while let Some(chunk) = body.next().await {
-                text.extend_from_slice(&chunk.unwrap());
-            }
-            let text = String::from_utf8(text).unwrap();
+            let text = call(&invoker, addr, format!("call {i}")).await;
             seen.push(text.trim_end_matches('!').to_string());
         }
         server.abort();
@@ -374,18 +379,7 @@ mod tests {
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let first = miner_in_thread(listener, "first", stopped);
         let invoker = Invoker::new(true);
-        let call = || async {
-            let req = Request::post(format!("http://{addr}/v1/invoke"))
-                .body(Bytes::from_static(b"{}"))
-                .unwrap();
-            let (status, mut body) = invoker.send(req).await.unwrap();
-            assert_eq!(status, StatusCode::OK);
-            let mut text = Vec::new();
-            while let Some(chunk) = body.next().await {
-                text.extend_from_slice(&chunk.unwrap());
-            }
-            String::from_utf8(text).unwrap()
-        };
+        let call = || call(&invoker, addr, "{}".into());
         assert_eq!(call().await, "first");
         assert_eq!(call().await, "first");
         // The miner goes away with its connections and comes back on the
