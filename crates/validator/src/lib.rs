@@ -79,8 +79,9 @@ pub struct Shared {
     pub auth: Arc<Auth>,
     /// Probes and other occasional calls.
     pub http: reqwest::Client,
-    /// Invocations: hyper's pooled HTTP/1 client, without reqwest's
-    /// per-request layers (redirect policy, URL re-parsing).
+    /// Invocations: one HTTP/2 connection per miner (or hyper's HTTP/1.1
+    /// pool), without reqwest's per-request layers (redirect policy, URL
+    /// re-parsing); see [`invoke`].
     pub invoker: Arc<invoke::Invoker>,
     pub signing_key: Arc<SigningKey>,
     /// Invocation keys shared with miners, by miner key (see
