@@ -25,6 +25,8 @@ use http_body_util::{BodyDataStream, Full};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::registry::lock;
+
 /// Per-stream receive window: answers the driver has not forwarded yet (a
 /// client reading slowly) hold flow-control window, and a small window per
 /// stream with a large one per connection keeps a few stalled streams
@@ -165,13 +167,6 @@ impl Invoker {
     }
 }
 
-fn lock(pool: &Mutex<Pool>) -> std::sync::MutexGuard<'_, Pool> {
-    match pool.lock() {
-        Ok(p) => p,
-        Err(p) => p.into_inner(),
-    }
-}
-
 fn cached(pool: &Mutex<Pool>, authority: &str) -> Option<h2::client::SendRequest<Bytes>> {
     let mut pool = lock(pool);
     let now = Instant::now();
@@ -239,17 +234,19 @@ async fn connect(pool: &Mutex<Pool>, uri: &Uri) -> Result<h2::client::SendReques
 /// or an error), pinging it when it has been quiet.
 async fn drive(
     connection: h2::client::Connection<TcpStream, Bytes>,
-    pings: Option<h2::PingPong>,
+    mut pings: Option<h2::PingPong>,
     peer: String,
 ) {
     let mut connection = std::pin::pin!(connection);
-    let Some(mut pings) = pings else {
-        if let Err(e) = connection.await {
-            tracing::debug!(%peer, error = %e, "miner connection closed");
-        }
-        return;
-    };
     loop {
+        // A ping after a quiet spell; without a ping handle, only the wait.
+        let ping = async {
+            tokio::time::sleep(PING_EVERY).await;
+            match &mut pings {
+                Some(p) => tokio::time::timeout(PING_TIMEOUT, p.ping(h2::Ping::opaque())).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             result = &mut connection => {
                 if let Err(e) = result {
@@ -257,17 +254,7 @@ async fn drive(
                 }
                 return;
             }
-            _ = tokio::time::sleep(PING_EVERY) => {}
-        }
-        let pong = tokio::time::timeout(PING_TIMEOUT, pings.ping(h2::Ping::opaque()));
-        tokio::select! {
-            result = &mut connection => {
-                if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "miner connection closed");
-                }
-                return;
-            }
-            answer = pong => match answer {
+            answer = ping => match answer {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "miner connection closed");

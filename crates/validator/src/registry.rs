@@ -30,7 +30,9 @@ const FLAP_MAX_MS: i64 = 30_000;
 /// A probe failure this long after the previous one starts a new count.
 const FLAP_MEMORY_MS: i64 = 60_000;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks `m`, taking over a lock poisoned by a panicking holder (the data
+/// behind these locks stays consistent between statements).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
