@@ -144,10 +144,10 @@ impl Invoker {
                         Ok(s) => s,
                         Err(_) => {
                             forget(pool, authority);
-                            connect(pool, &parts.uri).await?
+                            connect(pool, &parts.uri, authority).await?
                         }
                     },
-                    None => connect(pool, &parts.uri).await?,
+                    None => connect(pool, &parts.uri, authority).await?,
                 };
                 let eos = body.is_empty();
                 let (answer, mut stream) = sender
@@ -189,8 +189,13 @@ fn forget(pool: &Mutex<Pool>, authority: &str) {
 }
 
 /// Opens an HTTP/2 connection to `uri`'s host, starts driving it and
-/// caches it for the next invocations of the same miner.
-async fn connect(pool: &Mutex<Pool>, uri: &Uri) -> Result<h2::client::SendRequest<Bytes>, String> {
+/// caches it under `authority` (`uri`'s) for the next invocations of the
+/// same miner.
+async fn connect(
+    pool: &Mutex<Pool>,
+    uri: &Uri,
+    authority: &str,
+) -> Result<h2::client::SendRequest<Bytes>, String> {
     let host = uri
         .host()
         .ok_or_else(|| format!("`{uri}` names no host"))?
@@ -218,15 +223,13 @@ async fn connect(pool: &Mutex<Pool>, uri: &Uri) -> Result<h2::client::SendReques
         .ready()
         .await
         .map_err(|e| sluice_proto::error_chain(&e))?;
-    if let Some(authority) = uri.authority() {
-        lock(pool).conns.insert(
-            authority.as_str().to_string(),
-            Conn {
-                sender: sender.clone(),
-                used: Instant::now(),
-            },
-        );
-    }
+    lock(pool).conns.insert(
+        authority.to_string(),
+        Conn {
+            sender: sender.clone(),
+            used: Instant::now(),
+        },
+    );
     Ok(sender)
 }
 
