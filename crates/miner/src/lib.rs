@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 use sluice_engine::{Engine, EngineError};
 use sluice_proto::miner::{
     heartbeat_message, pair_key, parse_public, public_hex, register_message, sign_hex,
-    verify_invoke_mac, HeartbeatRequest, InvokeEvent, InvokeRequest, NonceResponse, OfferedChute,
+    HeartbeatRequest, InvokeEvent, InvokeKey, InvokeRequest, NonceResponse, OfferedChute,
     RegisterRequest, RegisterResponse, HDR_MAC, HDR_REQUEST_ID, HDR_TIMESTAMP, HDR_VALIDATOR,
 };
 use std::sync::RwLock;
@@ -51,7 +51,7 @@ struct MinerState {
     /// Invocation keys shared with each validator this miner registered
     /// with, by the validator's public key (hex): invocations must carry a
     /// MAC under one of them.
-    invoke_keys: Arc<RwLock<std::collections::HashMap<String, [u8; 32]>>>,
+    invoke_keys: Arc<RwLock<std::collections::HashMap<String, InvokeKey>>>,
 }
 
 /// A running miner.
@@ -171,7 +171,7 @@ async fn invoke(State(state): State<MinerState>, headers: HeaderMap, body: Bytes
         if keys.is_empty() {
             return reject(StatusCode::SERVICE_UNAVAILABLE, "not registered yet");
         }
-        keys.get(header(HDR_VALIDATOR)).copied()
+        keys.get(header(HDR_VALIDATOR)).cloned()
     };
     let Some(key) = key else {
         return reject(StatusCode::UNAUTHORIZED, "unknown validator");
@@ -186,7 +186,7 @@ async fn invoke(State(state): State<MinerState>, headers: HeaderMap, body: Bytes
     if now.abs_diff(ts) > 60_000 {
         return reject(StatusCode::UNAUTHORIZED, "stale invocation");
     }
-    if verify_invoke_mac(&key, &request_id, ts, &body, header(HDR_MAC)).is_err() {
+    if key.verify(&request_id, ts, &body, header(HDR_MAC)).is_err() {
         return reject(StatusCode::UNAUTHORIZED, "bad invocation MAC");
     }
     let req: InvokeRequest = match serde_json::from_slice(&body) {
@@ -296,6 +296,7 @@ impl Agent {
             .map_err(|e| format!("bad nonce response: {e}"))?;
         let vkey = parse_public(&nonce.validator_key).map_err(|e| e.to_string())?;
         let invoke_key = pair_key(&self.key, &vkey)
+            .map(|k| InvokeKey::new(&k))
             .ok_or_else(|| "the validator's key gives no shared secret".to_string())?;
         match self.state.invoke_keys.write() {
             Ok(mut k) => k.insert(nonce.validator_key.clone(), invoke_key),

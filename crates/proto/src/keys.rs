@@ -35,7 +35,7 @@ pub fn parse_key(key: &str) -> Result<ParsedKey<'_>, KeyParseError> {
 
 /// Hex SHA-256 of a key secret, as stored.
 pub fn hash_secret(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
+    crate::hex_lower(&Sha256::digest(secret.as_bytes()))
 }
 
 /// Builds a full key from an id and a secret (both lowercase hex).

@@ -48,7 +48,13 @@ impl SseDecoder {
                 continue;
             }
             if let Some(rest) = line.strip_prefix(b"data:") {
-                let rest = String::from_utf8_lossy(rest.strip_prefix(b" ").unwrap_or(rest));
+                let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+                // Valid UTF-8 (all but broken upstreams) takes the validator's
+                // fast ASCII path; `from_utf8_lossy` walks chunk by chunk.
+                let rest = match std::str::from_utf8(rest) {
+                    Ok(s) => std::borrow::Cow::Borrowed(s),
+                    Err(_) => String::from_utf8_lossy(rest),
+                };
                 match &mut self.data {
                     Some(d) => {
                         d.push('\n');

@@ -47,7 +47,7 @@ pub fn time_ordered_id() -> String {
     let mut b = [0u8; 12];
     b[..6].copy_from_slice(&(now_ms() as u64).to_be_bytes()[2..]);
     rand::thread_rng().fill_bytes(&mut b[6..]);
-    hex::encode(b)
+    sluice_proto::hex_lower(&b)
 }
 
 /// Which SQL server is behind the pool.

@@ -10,8 +10,6 @@
 //! Requests the service fails to serve give back their quota, their
 //! window entry and their reservation.
 
-use std::fmt::Write;
-
 use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use sluice_store::ledger::{format_usd, ms_until_utc_midnight, utc_day, Settlement};
@@ -47,16 +45,16 @@ impl RateHeaders {
         // The six values are slices of one buffer: one allocation, not six.
         let mut buf = String::with_capacity(96);
         let mut ends = [0usize; 6];
-        let values: [&dyn std::fmt::Display; 6] = [
-            &self.limit_requests,
-            &self.remaining_requests,
-            &Reset(self.reset_requests_ms),
-            &self.limit_tokens,
-            &self.remaining_tokens,
-            &Reset(self.reset_tokens_ms),
-        ];
-        for (end, value) in ends.iter_mut().zip(values) {
-            let _ = write!(buf, "{value}");
+        let mut n = itoa::Buffer::new();
+        for (i, end) in ends.iter_mut().enumerate() {
+            match i {
+                0 => buf.push_str(n.format(self.limit_requests)),
+                1 => buf.push_str(n.format(self.remaining_requests)),
+                2 => Reset(self.reset_requests_ms).push_to(&mut buf),
+                3 => buf.push_str(n.format(self.limit_tokens)),
+                4 => buf.push_str(n.format(self.remaining_tokens)),
+                _ => Reset(self.reset_tokens_ms).push_to(&mut buf),
+            }
             *end = buf.len();
         }
         let bytes = Bytes::from(buf);

@@ -13,10 +13,10 @@
 
 use std::time::Duration;
 
-use http::HeaderName;
+use http::{HeaderName, HeaderValue};
 use sluice_proto::miner::{
-    invoke_mac_hex, pair_key, parse_public, FinishReason, GenerationParams, InvokeEvent,
-    InvokeRequest, PromptInput, HDR_MAC, HDR_REQUEST_ID, HDR_TIMESTAMP, HDR_VALIDATOR,
+    pair_key, parse_public, FinishReason, GenerationParams, InvokeEvent, InvokeKey, InvokeRequest,
+    PromptInput, HDR_MAC, HDR_REQUEST_ID, HDR_TIMESTAMP, HDR_VALIDATOR,
 };
 use sluice_proto::sse::SseDecoder;
 use tokio::sync::mpsc;
@@ -310,7 +310,7 @@ async fn attempt(
                 why: "the miner's key gives no shared secret".into(),
             };
         };
-        let mac = invoke_mac_hex(&key, &invoke.request_id, ts, &body);
+        let mac = key.mac_hex(&invoke.request_id, ts, &body);
         let sent = Instant::now();
         let Some(url) = lease.instance.invoke_url.clone() else {
             return Attempt::Failed {
@@ -320,10 +320,25 @@ async fn attempt(
         };
         let first_timeout = Duration::from_secs_f64(state.config.first_token_timeout_s);
         let stall_timeout = Duration::from_secs_f64(state.config.stall_timeout_s);
+        let (request_id, mac) = match (
+            HeaderValue::from_str(&invoke.request_id),
+            HeaderValue::try_from(mac),
+        ) {
+            (Ok(id), Ok(mac)) => (never_indexed(id), never_indexed(mac)),
+            (Err(e), _) | (_, Err(e)) => {
+                return Attempt::Failed {
+                    tokens: 0,
+                    why: format!("request headers: {e}"),
+                }
+            }
+        };
         let request = match http::Request::post(url)
             .header(http::header::CONTENT_TYPE, "application/json")
-            .header(HeaderName::from_static(HDR_REQUEST_ID), &invoke.request_id)
-            .header(HeaderName::from_static(HDR_TIMESTAMP), ts)
+            .header(HeaderName::from_static(HDR_REQUEST_ID), request_id)
+            .header(
+                HeaderName::from_static(HDR_TIMESTAMP),
+                never_indexed(HeaderValue::from(ts)),
+            )
             .header(HeaderName::from_static(HDR_VALIDATOR), &*state.public_key)
             .header(HeaderName::from_static(HDR_MAC), mac)
             .body(bytes::Bytes::from(body))
@@ -466,26 +481,41 @@ pub fn spawn(
     // about 2% of the CPU at info level, and the few warnings and errors
     // logged while serving a request name its id themselves.
     let span = tracing::debug_span!("generation", request_id = %job.request_id, model = %job.model);
-    state.tasks.spawn(
+    // Boxed: the driver's future is several kilobytes, and the task cell
+    // would otherwise copy it on every move into place and once more when
+    // it finishes.
+    state.tasks.spawn(Box::pin(
         async move {
             let trace = drive(st.clone(), job, tx).await;
             crate::api::settle(&st, record, &trace).await;
         }
         .instrument(span),
-    );
+    ));
     rx
 }
 
+/// Marks a header value that no other request repeats (request id, time,
+/// MAC) as never indexed: HPACK then sends it as a literal instead of
+/// searching its table for it and inserting it, on both ends of the HTTP/2
+/// connection, only to evict it unused.
+fn never_indexed(mut v: HeaderValue) -> HeaderValue {
+    v.set_sensitive(true);
+    v
+}
+
 /// The invocation key shared with a miner, computed once per miner.
-fn invoke_key(state: &AppState, miner_key: &str) -> Option<[u8; 32]> {
+fn invoke_key(state: &AppState, miner_key: &str) -> Option<InvokeKey> {
     let cached = match state.invoke_keys.read() {
-        Ok(k) => k.get(miner_key).copied(),
-        Err(p) => p.into_inner().get(miner_key).copied(),
+        Ok(k) => k.get(miner_key).cloned(),
+        Err(p) => p.into_inner().get(miner_key).cloned(),
     };
     if cached.is_some() {
         return cached;
     }
-    let key = pair_key(&state.signing_key, &parse_public(miner_key).ok()?)?;
+    let key = InvokeKey::new(&pair_key(
+        &state.signing_key,
+        &parse_public(miner_key).ok()?,
+    )?);
     let mut keys = match state.invoke_keys.write() {
         Ok(k) => k,
         Err(p) => p.into_inner(),
@@ -494,6 +524,6 @@ fn invoke_key(state: &AppState, miner_key: &str) -> Option<[u8; 32]> {
     if keys.len() >= 100_000 {
         keys.clear();
     }
-    keys.insert(miner_key.to_string(), key);
+    keys.insert(miner_key.to_string(), key.clone());
     Some(key)
 }

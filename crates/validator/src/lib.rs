@@ -86,7 +86,8 @@ pub struct Shared {
     pub signing_key: Arc<SigningKey>,
     /// Invocation keys shared with miners, by miner key (see
     /// [`sluice_proto::miner::pair_key`]).
-    pub invoke_keys: Arc<std::sync::RwLock<std::collections::HashMap<String, [u8; 32]>>>,
+    pub invoke_keys:
+        Arc<std::sync::RwLock<std::collections::HashMap<String, sluice_proto::miner::InvokeKey>>>,
     /// This validator's public key, hex.
     pub public_key: Arc<str>,
     pub nonces: Arc<Nonces>,

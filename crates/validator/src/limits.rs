@@ -397,21 +397,38 @@ pub fn reset_string(ms: i64) -> String {
 /// A reset duration in milliseconds, displayed as [`reset_string`] gives it.
 pub struct Reset(pub i64);
 
-impl std::fmt::Display for Reset {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl Reset {
+    /// Appends the time as the `x-ratelimit-reset-*` headers write it
+    /// (`250ms`, `7s`, `1m5s`, `2h0m1s`). Integers through `itoa`: these
+    /// headers are written on every response.
+    pub fn push_to(&self, out: &mut String) {
+        let mut n = itoa::Buffer::new();
         let ms = self.0.max(0);
         if ms < 1000 {
-            return write!(f, "{ms}ms");
+            out.push_str(n.format(ms));
+            out.push_str("ms");
+            return;
         }
         let s = (ms + 999) / 1000;
         let (h, m, s) = (s / 3600, (s % 3600) / 60, s % 60);
         if h > 0 {
-            write!(f, "{h}h{m}m{s}s")
-        } else if m > 0 {
-            write!(f, "{m}m{s}s")
-        } else {
-            write!(f, "{s}s")
+            out.push_str(n.format(h));
+            out.push('h');
         }
+        if h > 0 || m > 0 {
+            out.push_str(n.format(m));
+            out.push('m');
+        }
+        out.push_str(n.format(s));
+        out.push('s');
+    }
+}
+
+impl std::fmt::Display for Reset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut out = String::with_capacity(16);
+        self.push_to(&mut out);
+        f.write_str(&out)
     }
 }
 
@@ -518,6 +535,8 @@ mod tests {
         assert_eq!(reset_string(1_000), "1s");
         assert_eq!(reset_string(360_000), "6m0s");
         assert_eq!(reset_string(3_723_000), "1h2m3s");
+        assert_eq!(reset_string(3_600_000), "1h0m0s");
+        assert_eq!(reset_string(-5), "0ms");
     }
 
     #[tokio::test]

@@ -68,6 +68,12 @@ fn render_labels(out: &mut String, pairs: &[(&'static str, &str)]) {
         }
         out.push_str(k);
         out.push_str("=\"");
+        // Label values almost never need escaping: copy them whole.
+        if !v.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\n')) {
+            out.push_str(v);
+            out.push('"');
+            continue;
+        }
         for c in v.chars() {
             match c {
                 '\\' => out.push_str("\\\\"),
