@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::Router;
 use ed25519_dalek::SigningKey;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use sluice_engine::{Engine, EngineError};
 use sluice_proto::miner::{
     heartbeat_message, pair_key, parse_public, public_hex, register_message, sign_hex,
@@ -216,27 +216,61 @@ async fn invoke(State(state): State<MinerState>, headers: HeaderMap, body: Bytes
     let first = chunks.next().instrument(span.clone()).await;
     // Per request, so debug: a busy miner would write a line per request.
     span.in_scope(|| tracing::debug!("generation started"));
-    let frames = futures_util::stream::iter(first)
-        .chain(chunks)
-        .map(|events: Vec<InvokeEvent>| {
-            // Each event is serialized straight into the frame: compact
-            // JSON has no raw newline, so it is one `data:` line as is.
-            let mut frame = Vec::with_capacity(96 * events.len());
-            for ev in &events {
-                frame.extend_from_slice(b"data: ");
-                let start = frame.len();
-                if serde_json::to_writer(&mut frame, ev).is_err() {
-                    frame.truncate(start);
-                    frame.extend_from_slice(b"{}");
-                }
-                frame.extend_from_slice(b"\n\n");
-            }
-            Ok::<_, std::convert::Infallible>(Bytes::from(frame))
-        });
+    // A generation that is over as soon as it starts (a whole answer from
+    // an upstream, an early error) leaves as one body: HTTP/2 sends the
+    // headers and one DATA frame that ends the stream, instead of a
+    // streamed body closed by an empty DATA frame of its own.
+    let mut ready: Vec<Vec<InvokeEvent>> = first.into_iter().collect();
+    let mut ended = ready.is_empty();
+    for _ in 0..MAX_READY_CHUNKS {
+        if ended {
+            break;
+        }
+        match chunks.next().now_or_never() {
+            Some(Some(more)) => ready.push(more),
+            Some(None) => ended = true,
+            None => break,
+        }
+    }
+    let body = if ended {
+        let mut frame = Vec::new();
+        for events in &ready {
+            sse_frame(&mut frame, events);
+        }
+        Body::from(frame)
+    } else {
+        Body::from_stream(futures_util::stream::iter(ready).chain(chunks).map(
+            |events: Vec<InvokeEvent>| {
+                let mut frame = Vec::new();
+                sse_frame(&mut frame, &events);
+                Ok::<_, std::convert::Infallible>(Bytes::from(frame))
+            },
+        ))
+    };
     Response::builder()
         .header("content-type", "text/event-stream")
-        .body(Body::from_stream(frames))
+        .body(body)
         .unwrap_or_else(|_| reject(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+}
+
+/// Ready batches of events gathered before the answer starts, at most:
+/// an engine that is still producing streams the rest.
+const MAX_READY_CHUNKS: usize = 16;
+
+/// Appends events as SSE `data:` lines. Each event is serialized straight
+/// into the frame: compact JSON has no raw newline, so it is one line as
+/// is. Events that are ready together leave in one write.
+fn sse_frame(frame: &mut Vec<u8>, events: &[InvokeEvent]) {
+    frame.reserve(96 * events.len());
+    for ev in events {
+        frame.extend_from_slice(b"data: ");
+        let start = frame.len();
+        if serde_json::to_writer(&mut *frame, ev).is_err() {
+            frame.truncate(start);
+            frame.extend_from_slice(b"{}");
+        }
+        frame.extend_from_slice(b"\n\n");
+    }
 }
 
 /// Registration and heartbeats.
