@@ -332,25 +332,27 @@ async fn attempt(
                 }
             }
         };
-        let request = match http::Request::post(url)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header(HeaderName::from_static(HDR_REQUEST_ID), request_id)
-            .header(
-                HeaderName::from_static(HDR_TIMESTAMP),
-                never_indexed(HeaderValue::from(ts)),
-            )
-            .header(HeaderName::from_static(HDR_VALIDATOR), &*state.public_key)
-            .header(HeaderName::from_static(HDR_MAC), mac)
-            .body(bytes::Bytes::from(body))
-        {
-            Ok(r) => state.invoker.send(r),
-            Err(e) => {
-                return Attempt::Failed {
-                    tokens: 0,
-                    why: format!("request: {e}"),
-                }
-            }
-        };
+        // Built in place: `http::request::Builder` moves the whole request
+        // through a `Result` for every header.
+        let mut request = http::Request::new(bytes::Bytes::from(body));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = url;
+        let headers = request.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(HeaderName::from_static(HDR_REQUEST_ID), request_id);
+        headers.insert(
+            HeaderName::from_static(HDR_TIMESTAMP),
+            never_indexed(HeaderValue::from(ts)),
+        );
+        headers.insert(
+            HeaderName::from_static(HDR_VALIDATOR),
+            state.public_key.clone(),
+        );
+        headers.insert(HeaderName::from_static(HDR_MAC), mac);
+        let request = state.invoker.send(request);
         let (status, mut body) = match tokio::time::timeout(first_timeout, request).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {

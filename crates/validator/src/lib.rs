@@ -88,8 +88,9 @@ pub struct Shared {
     /// [`sluice_proto::miner::pair_key`]).
     pub invoke_keys:
         Arc<std::sync::RwLock<std::collections::HashMap<String, sluice_proto::miner::InvokeKey>>>,
-    /// This validator's public key, hex.
-    pub public_key: Arc<str>,
+    /// This validator's public key, hex, as the header that names it to
+    /// miners.
+    pub public_key: http::HeaderValue,
     pub nonces: Arc<Nonces>,
     pub retry_budget: Arc<retry::RetryBudget>,
     pub limiter: Arc<limits::Limiter>,
@@ -334,7 +335,9 @@ pub async fn start(
         metrics: Arc::new(Metrics::default()),
         http,
         invoker,
-        public_key: sluice_proto::miner::public_hex(&signing_key).into(),
+        // Hex is always a valid header value.
+        public_key: http::HeaderValue::try_from(sluice_proto::miner::public_hex(&signing_key))
+            .unwrap_or_else(|_| http::HeaderValue::from_static("")),
         signing_key: Arc::new(signing_key),
         invoke_keys: Arc::default(),
         nonces: Arc::new(Nonces::default()),
