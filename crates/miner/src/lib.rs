@@ -413,3 +413,136 @@ fn set_nodelay(stream: &mut tokio::net::TcpStream) {
         tracing::trace!(error = %e, "could not set TCP_NODELAY");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::HttpBody;
+    use sluice_engine::{EngineInfo, EventStream};
+    use sluice_proto::miner::{FinishReason, GenerationParams, PromptInput};
+    use sluice_proto::sse::SseDecoder;
+
+    /// Produces a fixed list of events; with `gap`, the stream is pending
+    /// once after the first event, as a model between two tokens.
+    struct Listed {
+        events: Vec<InvokeEvent>,
+        gap: bool,
+    }
+
+    impl Engine for Listed {
+        fn info(&self) -> EngineInfo {
+            EngineInfo {
+                model_id: "m".into(),
+                capacity: 1,
+                context_length: 2048,
+                description: "listed events".into(),
+            }
+        }
+
+        fn generate(&self, _: InvokeRequest) -> Result<EventStream, EngineError> {
+            let mut rest = self.events.clone();
+            let first = rest.remove(0);
+            let head = futures_util::stream::iter([first]);
+            if !self.gap {
+                return Ok(Box::pin(head.chain(futures_util::stream::iter(rest))));
+            }
+            let later = futures_util::stream::once(async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                futures_util::stream::iter(rest)
+            })
+            .flatten();
+            Ok(Box::pin(head.chain(later)))
+        }
+
+        fn healthy(&self) -> bool {
+            true
+        }
+
+        fn in_flight(&self) -> u32 {
+            0
+        }
+    }
+
+    async fn invoke_with(engine: Listed) -> Response {
+        let key = InvokeKey::new(&[7; 32]);
+        let mut keys = std::collections::HashMap::new();
+        keys.insert("v".to_string(), key.clone());
+        let state = MinerState {
+            engine: Arc::new(engine),
+            invoke_keys: Arc::new(RwLock::new(keys)),
+        };
+        let body = serde_json::to_vec(&InvokeRequest {
+            request_id: "r1".into(),
+            model: "m".into(),
+            input: PromptInput::Text {
+                prompt: "hi".into(),
+            },
+            params: GenerationParams::default(),
+            continuation: String::new(),
+            stream: true,
+        })
+        .unwrap();
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let mut headers = HeaderMap::new();
+        headers.insert(HDR_REQUEST_ID, "r1".parse().unwrap());
+        headers.insert(HDR_VALIDATOR, "v".parse().unwrap());
+        headers.insert(HDR_TIMESTAMP, ts.into());
+        headers.insert(HDR_MAC, key.mac_hex("r1", ts, &body).parse().unwrap());
+        invoke(State(state), headers, Bytes::from(body)).await
+    }
+
+    fn decode(body: &[u8]) -> Vec<InvokeEvent> {
+        SseDecoder::new()
+            .feed(body)
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_answer_ready_at_once_is_one_body_and_a_slower_one_streams() {
+        let events = vec![
+            InvokeEvent::Started { prompt_tokens: 3 },
+            InvokeEvent::Text {
+                text: "a".into(),
+                tokens: 1,
+            },
+            InvokeEvent::Text {
+                text: "b".into(),
+                tokens: 1,
+            },
+            InvokeEvent::Done {
+                finish_reason: FinishReason::Stop,
+                prompt_tokens: 3,
+                completion_tokens: 2,
+            },
+        ];
+        let whole = invoke_with(Listed {
+            events: events.clone(),
+            gap: false,
+        })
+        .await;
+        assert_eq!(whole.status(), StatusCode::OK);
+        // A body of known length: HTTP/2 ends the stream with its data.
+        assert!(whole.body().size_hint().exact().is_some());
+        let whole = axum::body::to_bytes(whole.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(decode(&whole), events);
+
+        let streamed = invoke_with(Listed {
+            events: events.clone(),
+            gap: true,
+        })
+        .await;
+        assert_eq!(streamed.status(), StatusCode::OK);
+        assert!(streamed.body().size_hint().exact().is_none());
+        let streamed = axum::body::to_bytes(streamed.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(streamed, whole, "the same SSE text either way");
+    }
+}
