@@ -4,6 +4,7 @@
 //! routing and chaos tests.
 
 pub mod fake;
+mod h1pool;
 pub mod llama;
 pub mod model_fetch;
 pub mod stop;

@@ -25,12 +25,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::h1pool::{H1Pool, Pooled, SendError};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::{BodyDataStream, BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::ResponseFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_proto::miner::{FinishReason, InvokeEvent, InvokeRequest, PromptInput};
@@ -73,7 +71,8 @@ impl UpstreamConfig {
 pub struct UpstreamEngine {
     config: UpstreamConfig,
     base: String,
-    /// The two endpoints, parsed once.
+    /// The two endpoints' paths (origin form, as sent on a connection),
+    /// parsed once.
     chat_url: http::Uri,
     completions_url: http::Uri,
     /// `Bearer <api key>`, when there is a key.
@@ -81,10 +80,12 @@ pub struct UpstreamEngine {
     /// The `Host` header, made once (hyper's client would format it from
     /// the URL for every request).
     host: http::HeaderValue,
-    /// hyper's pooled HTTP/1 client: every request of the miner takes this
-    /// path, and reqwest's layers (redirect policy, URL re-parsing, a client
-    /// clone per request) cost a few µs per request on both hops.
-    http: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
+    /// Keep-alive HTTP/1.1 connections to the upstream: every request of
+    /// the miner takes this path, and reqwest's layers (redirect policy,
+    /// URL re-parsing, a client clone per request), then hyper-util's
+    /// pooled client (a hashed pool key at checkout and return, futures in
+    /// futures), cost more per request than the connection itself.
+    http: H1Pool,
     slots: Arc<Semaphore>,
     healthy: Arc<AtomicBool>,
 }
@@ -120,14 +121,28 @@ impl UpstreamEngine {
                 .parse()
                 .map_err(|e: http::uri::InvalidUri| invalid(e.to_string()))
         };
-        let chat_url = url("/v1/chat/completions")?;
-        let completions_url = url("/v1/completions")?;
-        let host = chat_url
-            .authority()
-            .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
-            .ok_or_else(|| {
-                EngineError::Invalid(format!("upstream url `{}` has no host", config.url))
-            })?;
+        let chat = url("/v1/chat/completions")?;
+        let completions = url("/v1/completions")?;
+        let no_host = || EngineError::Invalid(format!("upstream url `{}` has no host", config.url));
+        let authority = chat.authority().ok_or_else(no_host)?;
+        let host = http::HeaderValue::from_str(authority.as_str()).map_err(|_| no_host())?;
+        // Where to connect: the host with its port, 80 when the URL has none.
+        let connect_to = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(80)
+        );
+        let origin_form = |u: &http::Uri| -> Result<http::Uri, EngineError> {
+            u.path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| {
+                    EngineError::Invalid(format!("upstream url `{}`: {e}", config.url))
+                })
+        };
+        let chat_url = origin_form(&chat)?;
+        let completions_url = origin_form(&completions)?;
         let authorization = match &config.api_key {
             Some(key) => Some(
                 http::HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| {
@@ -136,15 +151,7 @@ impl UpstreamEngine {
             ),
             None => None,
         };
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let http =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_max_idle_per_host(config.capacity as usize)
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_timer(hyper_util::rt::TokioTimer::new())
-                .build(connector);
+        let http = H1Pool::new(connect_to, config.capacity as usize, Duration::from_secs(5));
         Ok(UpstreamEngine {
             authorization,
             host,
@@ -386,11 +393,15 @@ impl Fast<'_> {
     }
 }
 
+type Sending = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<http::Response<Pooled>, SendError>> + Send>,
+>;
+
 enum Phase {
-    Send(ResponseFuture),
-    Streaming(BodyDataStream<Incoming>),
+    Send(Sending),
+    Streaming(BodyDataStream<Pooled>),
     /// A non-streamed answer: one JSON body.
-    Whole(Incoming),
+    Whole(Pooled),
     Finished,
 }
 
@@ -604,7 +615,7 @@ impl Engine for UpstreamEngine {
             headers.insert(http::header::AUTHORIZATION, auth.clone());
         }
         let run = Run {
-            phase: Phase::Send(self.http.request(req)),
+            phase: Phase::Send(Box::pin(self.http.send(req))),
             kind,
             stream: request.stream,
             pending: VecDeque::new(),
