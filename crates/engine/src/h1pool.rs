@@ -13,7 +13,8 @@
 //!   connection with it (the server may still be writing on it).
 //! - A connection the server has closed while it sat idle is skipped, and a
 //!   request that hyper hands back unsent (the connection closed as it was
-//!   taken) is sent once more on a new connection.
+//!   taken) is sent again, on the next idle connection or a new one. A new
+//!   connection that fails fails the request.
 //! - At most `max_idle` connections are kept idle.
 
 use std::pin::Pin;
