@@ -9,8 +9,10 @@
 //!
 //! What the pool promises:
 //! - A connection goes back to the list only after its response body has
-//!   been read to the end; a body dropped before its end takes the
-//!   connection with it (the server may still be writing on it).
+//!   been read to the end ([`Pooled::finish`] reads the rest in the
+//!   background for a reader that has what it wanted); a body dropped
+//!   before its end takes the connection with it: that is how an upstream
+//!   still generating learns to stop.
 //! - A connection the server has closed while it sat idle is skipped, and a
 //!   request that hyper hands back unsent (the connection closed as it was
 //!   taken) is sent again, on the next idle connection or a new one. A new
@@ -23,7 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
@@ -169,7 +171,39 @@ pub(crate) struct Pooled {
     back: Option<(Sender, Arc<Inner>)>,
 }
 
+/// What a finished reader leaves to be read in the background, at most.
+const FINISH_FRAMES: usize = 4;
+const FINISH_WAIT: Duration = Duration::from_secs(1);
+
 impl Pooled {
+    /// For a reader that has all it wanted (a stream's last event came):
+    /// reads what is left of the body in the background, when a runtime is
+    /// at hand, so that its connection serves again. Usually that is only
+    /// the end of a chunked body, which hyper has not read when the last
+    /// event arrives. A body that has more than a few frames left, or takes
+    /// longer than a second, is dropped, and its connection with it.
+    pub fn finish(self) {
+        if self.back.is_none() || self.body.is_end_stream() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let mut body = self;
+            let _ = tokio::time::timeout(FINISH_WAIT, async {
+                for _ in 0..FINISH_FRAMES {
+                    // The connection goes back as the end is read.
+                    match body.frame().await {
+                        Some(Ok(_)) if body.back.is_some() => {}
+                        _ => break,
+                    }
+                }
+            })
+            .await;
+        });
+    }
+
     fn release(&mut self) {
         if let Some((sender, inner)) = self.back.take() {
             if sender.is_closed() {
@@ -215,7 +249,6 @@ impl Body for Pooled {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
     use sluice_bench::mock::{self, MockOptions};
     use std::net::SocketAddr;
     use tokio_util::sync::CancellationToken;
@@ -262,10 +295,68 @@ mod tests {
             r.into_body().collect().await.unwrap();
         }
         assert_eq!(pool.inner.idle().len(), 2);
-        // A body dropped before its end takes its connection along.
-        let dropped = pool.send(post(addr)).await.unwrap();
-        drop(dropped);
+        // A body dropped unread takes its connection along.
+        let unread = pool.send(post(addr)).await.unwrap();
+        drop(unread);
         assert_eq!(pool.inner.idle().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_closes_its_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A server that starts a chunked answer and never ends it, as an
+        // upstream still generating.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = sock.read(&mut buf).await.unwrap();
+            sock.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                .await
+                .unwrap();
+            // Whatever comes next: the client closing the connection.
+            sock.read(&mut buf).await.unwrap()
+        });
+        let pool = H1Pool::new(addr.to_string(), 4, Duration::from_secs(5));
+        let mut body = pool.send(post(addr)).await.unwrap().into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), Bytes::from_static(b"hello"));
+        drop(body);
+        assert_eq!(pool.inner.idle().len(), 0);
+        // The server reads end of file: the connection is gone.
+        let read = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(read, 0);
+    }
+
+    #[tokio::test]
+    async fn a_stream_finished_after_its_last_event_keeps_its_connection() {
+        let (addr, _stop, _m) = mock_on("127.0.0.1:0".parse().unwrap()).await;
+        let pool = H1Pool::new(addr.to_string(), 4, Duration::from_secs(5));
+        let mut req = post(addr);
+        *req.body_mut() = Full::new(Bytes::from_static(
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+        ));
+        let mut body = pool.send(req).await.unwrap().into_body();
+        // Read as the upstream engine does: up to the `[DONE]` event, and no
+        // further (the end of the chunked body is still unread).
+        let mut seen = Vec::new();
+        while !String::from_utf8_lossy(&seen).contains("[DONE]") {
+            let frame = body.frame().await.unwrap().unwrap();
+            seen.extend_from_slice(&frame.into_data().unwrap());
+        }
+        body.finish();
+        let back = async {
+            while pool.inner.idle().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), back)
+            .await
+            .expect("the connection went back");
     }
 
     #[tokio::test]

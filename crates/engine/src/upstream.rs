@@ -25,16 +25,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::h1pool::{H1Pool, Pooled, SendError};
 use bytes::Bytes;
-use futures_util::StreamExt;
-use http_body_util::{BodyDataStream, BodyExt, Full};
+use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_proto::miner::{FinishReason, InvokeEvent, InvokeRequest, PromptInput};
 use sluice_proto::sse::{SseDecoder, DONE};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::h1pool::{H1Pool, Pooled, SendError};
 use crate::{Engine, EngineError, EngineInfo, EventStream};
 
 /// Context window reported when the upstream does not say (it enforces
@@ -399,7 +398,7 @@ type Sending = std::pin::Pin<
 
 enum Phase {
     Send(Sending),
-    Streaming(BodyDataStream<Pooled>),
+    Streaming(Pooled),
     /// A non-streamed answer: one JSON body.
     Whole(Pooled),
     Finished,
@@ -439,7 +438,11 @@ impl Run {
             prompt_tokens,
             completion_tokens,
         });
-        self.phase = Phase::Finished;
+        // The answer is complete: what is left of a streamed body is its
+        // end, read in the background so that the connection serves again.
+        if let Phase::Streaming(body) = std::mem::replace(&mut self.phase, Phase::Finished) {
+            body.finish();
+        }
     }
 
     /// Takes the error and the usage out of what one upstream answer or
@@ -542,7 +545,7 @@ impl Run {
                     Ok(resp) => {
                         self.healthy.store(true, Ordering::Relaxed);
                         self.phase = if self.stream {
-                            Phase::Streaming(BodyDataStream::new(resp.into_body()))
+                            Phase::Streaming(resp.into_body())
                         } else {
                             Phase::Whole(resp.into_body())
                         };
@@ -552,9 +555,13 @@ impl Run {
                     Ok(body) => self.whole(&body.to_bytes()),
                     Err(e) => self.fail(format!("upstream answer broke: {e}"), true),
                 },
-                Phase::Streaming(mut body) => match body.next().await.transpose() {
-                    Ok(Some(bytes)) => {
+                Phase::Streaming(mut body) => match body.frame().await.transpose() {
+                    Ok(Some(frame)) => {
                         self.phase = Phase::Streaming(body);
+                        // Trailers carry no events.
+                        let Ok(bytes) = frame.into_data() else {
+                            continue;
+                        };
                         for payload in self.decoder.feed(&bytes) {
                             self.payload(&payload);
                             if matches!(self.phase, Phase::Finished) {
