@@ -182,8 +182,11 @@ impl Pooled {
     /// the end of a chunked body, which hyper has not read when the last
     /// event arrives. A body that has more than a few frames left, or takes
     /// longer than a second, is dropped, and its connection with it.
-    pub fn finish(self) {
-        if self.back.is_none() || self.body.is_end_stream() {
+    pub fn finish(mut self) {
+        if self.body.is_end_stream() {
+            return self.release();
+        }
+        if self.back.is_none() {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
