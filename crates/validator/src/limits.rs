@@ -391,10 +391,12 @@ return 0
 
 /// OpenAI-style duration for reset headers: `1s`, `6m0s`, `1h2m3s`, `250ms`.
 pub fn reset_string(ms: i64) -> String {
-    Reset(ms).to_string()
+    let mut out = String::with_capacity(16);
+    Reset(ms).push_to(&mut out);
+    out
 }
 
-/// A reset duration in milliseconds, displayed as [`reset_string`] gives it.
+/// A reset duration in milliseconds, written as [`reset_string`] gives it.
 pub struct Reset(pub i64);
 
 impl Reset {
@@ -421,14 +423,6 @@ impl Reset {
         }
         out.push_str(n.format(s));
         out.push('s');
-    }
-}
-
-impl std::fmt::Display for Reset {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut out = String::with_capacity(16);
-        self.push_to(&mut out);
-        f.write_str(&out)
     }
 }
 
