@@ -316,6 +316,53 @@ impl Store {
         Ok(settled)
     }
 
+    /// Settles (when `settlement` is given) and records a finished request
+    /// without waiting for the commit where the store allows it: the
+    /// SQLite ledger writer takes both and the caller goes on (nothing has
+    /// to wake it when the batch commits), and the writer logs what
+    /// became of them. Elsewhere it runs [`Store::settle_and_record`] and
+    /// logs the same way. A settlement that fails is not charged (its
+    /// reservation stays open for recovery), and the request's row is then
+    /// written alone. [`Store::close`] commits everything queued here.
+    pub async fn finish_request(
+        &self,
+        settlement: Option<Settlement>,
+        record: crate::RequestRecord,
+    ) {
+        let settlement = match settlement.map(|s| sql::check_settlement(&s).map(|()| s)) {
+            Some(Err(e)) => {
+                tracing::error!(request_id = %record.id, error = %e, "could not settle and record the request");
+                None
+            }
+            Some(Ok(s)) => Some(s),
+            None => None,
+        };
+        if let Some(w) = &self.writer {
+            if let Err(e) = w.detach(settlement, record).await {
+                tracing::error!(error = %e, "could not settle and record a request");
+            }
+            return;
+        }
+        match self
+            .settle_and_record(settlement.as_ref(), Some(&record))
+            .await
+        {
+            Ok(settled) => {
+                if settlement.is_some() && !settled {
+                    tracing::warn!(request_id = %record.id, "request was already settled; not charging again");
+                }
+            }
+            Err(e) => {
+                tracing::error!(request_id = %record.id, error = %e, "could not settle and record the request");
+                if settlement.is_some() {
+                    if let Err(e) = self.record_request(&record).await {
+                        tracing::error!(request_id = %record.id, error = %e, "could not record request metadata");
+                    }
+                }
+            }
+        }
+    }
+
     /// Releases a reservation without charging (the request failed).
     pub async fn release(&self, request_id: &str) -> Result<()> {
         if let Some(w) = &self.writer {

@@ -31,7 +31,9 @@
 //!   up to [`LINGER`] for company (nobody holds a client's reply on them),
 //!   so at any load a commit carries several requests. They reach the
 //!   thread through a list the thread takes when the batch closes, so only
-//!   the first of a batch wakes it.
+//!   the first of a batch wakes it. A finished request's settlement and
+//!   row are usually detached ([`Writer::detach`]): nobody waits for that
+//!   answer, so a commit wakes no task for it.
 //! - Daily quota units and recovery are committed before the answer.
 //!
 //! A failing operation undoes only itself (the batch is run again with a
@@ -136,7 +138,18 @@ impl Op {
 
 struct Job {
     op: Op,
-    reply: oneshot::Sender<Result<Reply>>,
+    /// `None` for a detached settlement: nobody waits for it, and the
+    /// writer reports its outcome itself (see [`report_detached`]).
+    reply: Option<oneshot::Sender<Result<Reply>>>,
+}
+
+impl Job {
+    fn answer(self, result: Result<Reply>) {
+        // A caller that went away no longer needs the answer.
+        if let Some(reply) = self.reply {
+            let _ = reply.send(result);
+        }
+    }
 }
 
 /// What reaches the thread through its channel.
@@ -282,9 +295,37 @@ impl Writer {
     }
 
     pub async fn call(&self, op: Op) -> Result<Reply> {
-        let stopped = || StoreError::Invalid("the ledger writer has stopped".into());
         let (reply, rx) = oneshot::channel();
-        let job = Job { op, reply };
+        self.enqueue(Job {
+            op,
+            reply: Some(reply),
+        })
+        .await?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Queues a settlement nobody waits for: the caller goes on at once
+    /// (it still waits while the queue is full), and the thread wakes no
+    /// task when the batch commits. The writer logs the outcome and, when
+    /// the settlement fails, writes the request's row alone. [`Op::Flush`]
+    /// (the store's close) commits every detached settlement queued
+    /// before it.
+    pub async fn detach(
+        &self,
+        settlement: Option<Settlement>,
+        record: RequestRecord,
+    ) -> Result<()> {
+        self.enqueue(Job {
+            op: Op::Settle {
+                settlement: settlement.map(Box::new),
+                record: Some(Box::new(record)),
+            },
+            reply: None,
+        })
+        .await
+    }
+
+    async fn enqueue(&self, job: Job) -> Result<()> {
         let job = if job.op.may_linger() {
             self.linger(job)
         } else {
@@ -296,7 +337,7 @@ impl Writer {
                 .await
                 .map_err(|_| stopped())?;
         }
-        rx.await.map_err(|_| stopped())?
+        Ok(())
     }
 
     /// Leaves an operation for the next commit without waking the thread
@@ -323,6 +364,10 @@ impl Writer {
         }
         None
     }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Invalid("the ledger writer has stopped".into())
 }
 
 /// The file behind a `sqlite:` URL, or `None` for an in-memory database.
@@ -388,6 +433,8 @@ fn run(conn: Connection, rx: flume::Receiver<Msg>, fast: Arc<Mutex<FastPath>>) {
                 }
                 Err(flume::RecvTimeoutError::Disconnected) => {
                     st.take_from_callers();
+                    st.commit();
+                    // A failed detached settlement left its request's row.
                     st.commit();
                     return;
                 }
@@ -477,7 +524,7 @@ impl State {
                 owner,
             } => {
                 let result = self.reserve(request_id, user_id, *amount, owner);
-                let _ = job.reply.send(result.map(Reply::Flag));
+                job.answer(result.map(Reply::Flag));
             }
             Op::Balance { user_id } => {
                 let result = self
@@ -486,7 +533,7 @@ impl State {
                         ledger,
                         reserved: reserved + self.held.get(user_id).copied().unwrap_or(0),
                     });
-                let _ = job.reply.send(result);
+                job.answer(result);
             }
             op => {
                 let closes = match op {
@@ -571,8 +618,15 @@ impl State {
                             self.unwritten.insert(h.request_id.clone(), h);
                         }
                     }
-                    // A caller that went away no longer needs the answer.
-                    let _ = job.reply.send(result);
+                    if job.reply.is_some() {
+                        job.answer(result);
+                    } else if let Some(retry) = report_detached(job.op, result) {
+                        self.batch.push(Work::Job {
+                            job: Box::new(retry),
+                            unwritten: None,
+                        });
+                        self.now = true;
+                    }
                 }
                 Work::Hold(h) => {
                     // Committed: the table holds it now. Failed: nothing
@@ -583,6 +637,41 @@ impl State {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Logs what became of a detached settlement (see [`Writer::detach`]).
+/// When it failed with its settlement, returns the job that writes the
+/// request's row alone: the reservation stays open and recovery releases
+/// it, so the request is not charged, and never charged twice.
+fn report_detached(op: Op, result: Result<Reply>) -> Option<Job> {
+    let Op::Settle { settlement, record } = op else {
+        return None;
+    };
+    let id = record.as_ref().map_or("", |r| r.id.as_str());
+    match result {
+        Ok(Reply::Flag(false)) if settlement.is_some() => {
+            tracing::warn!(
+                request_id = id,
+                "request was already settled; not charging again"
+            );
+            None
+        }
+        Ok(_) => None,
+        Err(e) if settlement.is_some() => {
+            tracing::error!(request_id = id, error = %e, "could not settle and record the request");
+            record.map(|record| Job {
+                op: Op::Settle {
+                    settlement: None,
+                    record: Some(record),
+                },
+                reply: None,
+            })
+        }
+        Err(e) => {
+            tracing::error!(request_id = id, error = %e, "could not record request metadata");
+            None
         }
     }
 }

@@ -334,3 +334,66 @@ async fn long_and_short_requests_close_their_reservations() {
     assert_eq!(store.balance(&user).await.unwrap().ledger, 850);
     store.close().await;
 }
+
+/// `finish_request` does not wait for the commit: `close` commits what it
+/// queued, and a settlement that fails is not charged while its request's
+/// row is still written.
+#[tokio::test]
+async fn finished_requests_commit_on_close_and_a_failed_settlement_keeps_its_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_data_dir(dir.path()).await.unwrap();
+    let user = store.create_user("f", "paid").await.unwrap();
+    store.add_funds(&user, 1000).await.unwrap();
+    // Every settlement of request "bad" fails inside the ledger writer.
+    sqlx::query(
+        "CREATE TRIGGER refuse_bad BEFORE INSERT ON settlements \
+         WHEN NEW.request_id = 'bad' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let row = |id: &str| sluice_store::RequestRecord {
+        id: id.into(),
+        user_id: user.clone(),
+        key_id: "k".into(),
+        model: "finish-model".into(),
+        kind: "chat".into(),
+        stream: false,
+        miner_key: None,
+        status: "ok".into(),
+        http_status: 200,
+        prompt_tokens: 1,
+        completion_tokens: 1,
+        attempts: 1,
+        queue_ms: 0,
+        ttft_ms: None,
+        latency_ms: 1,
+        created_ms: sluice_store::now_ms(),
+        cost: 60,
+    };
+    let settlement = |id: &str| Settlement {
+        request_id: id.into(),
+        user_id: user.clone(),
+        user_pays: true,
+        cost: 60,
+        credits: vec![("m".into(), 50)],
+        fee: 10,
+    };
+    for id in ["good", "bad"] {
+        assert!(store.reserve(id, &user, 100, "o").await.unwrap());
+        store.finish_request(Some(settlement(id)), row(id)).await;
+    }
+    store.close().await;
+
+    let store = Store::open_data_dir(dir.path()).await.unwrap();
+    assert!(store.is_settled("good").await.unwrap());
+    assert!(
+        !store.is_settled("bad").await.unwrap(),
+        "a refused settlement must not charge"
+    );
+    let rows = store.recent_outcomes(0, 10).await.unwrap();
+    assert_eq!(rows.len(), 2, "both requests keep their rows: {rows:?}");
+    let bal = store.balance(&user).await.unwrap();
+    assert_eq!(bal.ledger, 940);
+    assert!(store.ledger_check().await.unwrap().is_balanced());
+}

@@ -759,25 +759,6 @@ pub async fn settle(state: &AppState, base: RecordBase, trace: &Trace) {
         created_ms: base.created_ms,
         cost,
     };
-    match state
-        .store
-        .settle_and_record(settlement.as_ref(), Some(&record))
-        .await
-    {
-        Ok(settled) => {
-            if settlement.is_some() && !settled {
-                tracing::warn!(request_id = %record.id, "request was already settled; not charging again");
-            }
-        }
-        Err(e) => {
-            // The reservation stays open and is released on recovery: the
-            // request is not charged, never charged twice.
-            tracing::error!(request_id = %record.id, error = %e, "could not settle and record the request");
-            if let Err(e) = state.store.record_request(&record).await {
-                tracing::error!(request_id = %record.id, error = %e, "could not record request metadata");
-            }
-        }
-    }
     // Every request is a row in the requests table already: at info level
     // this line would only repeat it (and cost a write per request).
     tracing::debug!(
@@ -788,6 +769,8 @@ pub async fn settle(state: &AppState, base: RecordBase, trace: &Trace) {
         latency_ms = total.as_millis() as u64,
         "request finished"
     );
+    // Nothing here waits for the commit: the store logs the outcome.
+    state.store.finish_request(settlement, record).await;
 }
 
 pub async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
