@@ -61,11 +61,17 @@ enum Mode {
 struct Pool {
     conns: HashMap<String, Conn>,
     swept: Option<Instant>,
+    /// The id of the last connection cached.
+    last_id: u64,
 }
 
 struct Conn {
     sender: h2::client::SendRequest<Bytes>,
     used: Instant,
+    /// Tells this connection from the one that replaces it: a request that
+    /// found it dead forgets it, and never the replacement another request
+    /// cached meanwhile.
+    id: u64,
 }
 
 /// An answer's body, read chunk by chunk.
@@ -140,10 +146,10 @@ impl Invoker {
                 // A cached connection may have died since its last use:
                 // then one new connection, as nothing was sent on the old.
                 let mut sender = match cached(pool, authority) {
-                    Some(s) => match s.ready().await {
+                    Some((s, id)) => match s.ready().await {
                         Ok(s) => s,
                         Err(_) => {
-                            forget(pool, authority);
+                            forget(pool, authority, id);
                             connect(pool, &parts.uri, authority).await?
                         }
                     },
@@ -167,7 +173,7 @@ impl Invoker {
     }
 }
 
-fn cached(pool: &Mutex<Pool>, authority: &str) -> Option<h2::client::SendRequest<Bytes>> {
+fn cached(pool: &Mutex<Pool>, authority: &str) -> Option<(h2::client::SendRequest<Bytes>, u64)> {
     let mut pool = lock(pool);
     let now = Instant::now();
     // Let go of connections nobody used for a while (checked at most every
@@ -181,11 +187,15 @@ fn cached(pool: &Mutex<Pool>, authority: &str) -> Option<h2::client::SendRequest
     }
     let conn = pool.conns.get_mut(authority)?;
     conn.used = now;
-    Some(conn.sender.clone())
+    Some((conn.sender.clone(), conn.id))
 }
 
-fn forget(pool: &Mutex<Pool>, authority: &str) {
-    lock(pool).conns.remove(authority);
+/// Drops the cached connection `id` of `authority`, if still cached.
+fn forget(pool: &Mutex<Pool>, authority: &str, id: u64) {
+    let mut pool = lock(pool);
+    if pool.conns.get(authority).is_some_and(|c| c.id == id) {
+        pool.conns.remove(authority);
+    }
 }
 
 /// Opens an HTTP/2 connection to `uri`'s host, starts driving it and
@@ -223,11 +233,15 @@ async fn connect(
         .ready()
         .await
         .map_err(|e| sluice_proto::error_chain(&e))?;
-    lock(pool).conns.insert(
+    let mut pool = lock(pool);
+    pool.last_id += 1;
+    let id = pool.last_id;
+    pool.conns.insert(
         authority.to_string(),
         Conn {
             sender: sender.clone(),
             used: Instant::now(),
+            id,
         },
     );
     Ok(sender)
@@ -382,6 +396,17 @@ mod tests {
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let second = miner_in_thread(listener, "second", stopped);
         assert_eq!(call().await, "second");
+        // Another request that found the first connection dead, late to
+        // forget it, leaves the new one cached.
+        let Mode::H2(pool) = &invoker.mode else {
+            panic!("an HTTP/2 invoker")
+        };
+        let authority = addr.to_string();
+        assert_eq!(cached(pool, &authority).map(|(_, id)| id), Some(2));
+        forget(pool, &authority, 1);
+        assert_eq!(cached(pool, &authority).map(|(_, id)| id), Some(2));
+        forget(pool, &authority, 2);
+        assert!(cached(pool, &authority).is_none());
         stop.send(()).unwrap();
         second.join().unwrap();
     }
