@@ -47,7 +47,9 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rusqlite::{params_from_iter, Connection, OpenFlags, OptionalExtension};
+use std::borrow::Cow;
+
+use rusqlite::{params_from_iter, Connection, OpenFlags, OptionalExtension, Statement};
 use tokio::sync::oneshot;
 
 use crate::ledger::Settlement;
@@ -397,8 +399,8 @@ fn open(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-struct State {
-    conn: Connection,
+struct State<'c> {
+    db: Prepared<'c>,
     fast: Arc<Mutex<FastPath>>,
     batch: Vec<Work>,
     /// Granted reservations without a row yet, by request id.
@@ -414,7 +416,7 @@ struct State {
 
 fn run(conn: Connection, rx: flume::Receiver<Msg>, fast: Arc<Mutex<FastPath>>) {
     let mut st = State {
-        conn,
+        db: Prepared::new(&conn),
         fast,
         batch: Vec::with_capacity(BATCH),
         unwritten: HashMap::new(),
@@ -463,7 +465,7 @@ fn run(conn: Connection, rx: flume::Receiver<Msg>, fast: Arc<Mutex<FastPath>>) {
     }
 }
 
-impl State {
+impl State<'_> {
     /// Takes what callers left without a message: reservations granted on
     /// their threads (first: a settlement closes its reservation) and
     /// lingering settlements and releases.
@@ -559,15 +561,13 @@ impl State {
     }
 
     /// Committed (ledger balance, open reservations) of a user.
-    fn balance(&self, user_id: &str) -> Result<(i64, i64)> {
+    fn balance(&mut self, user_id: &str) -> Result<(i64, i64)> {
         // One statement: one read transaction (and one set of locks).
         let q = sql::balance_and_reserved(user_id);
         Ok(self
-            .conn
-            .prepare_cached(&q.sql)?
-            .query_row(params_from_iter(q.vals.iter()), |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?)
+            .db
+            .query_row(&q, |r| Ok((r.get(0)?, r.get(1)?)))?
+            .unwrap_or((0, 0)))
     }
 
     fn reserve(
@@ -605,7 +605,7 @@ impl State {
         if self.batch.is_empty() {
             return;
         }
-        let results = commit_batch(&mut self.conn, &self.batch);
+        let results = commit_batch(&mut self.db, &self.batch);
         let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
         for (work, result) in batch.into_iter().zip(results) {
             match work {
@@ -678,13 +678,13 @@ fn report_detached(op: Op, result: Result<Reply>) -> Option<Job> {
 
 /// Runs a batch in one transaction; every item gets its own result, or
 /// the commit's error when the commit fails.
-fn commit_batch(conn: &mut Connection, batch: &[Work]) -> Vec<Result<Reply>> {
+fn commit_batch(db: &mut Prepared<'_>, batch: &[Work]) -> Vec<Result<Reply>> {
     // Items rarely fail: run the batch plainly first, and only when one
     // fails roll it all back and run it again with a savepoint per item
     // (two more statements per item, on every batch otherwise).
-    match run_batch(conn, batch, false) {
+    match run_batch(db, batch, false) {
         Some(results) => results,
-        None => run_batch(conn, batch, true).unwrap_or_else(|| {
+        None => run_batch(db, batch, true).unwrap_or_else(|| {
             batch
                 .iter()
                 .map(|_| Err(StoreError::Invalid("ledger batch failed".into())))
@@ -695,11 +695,10 @@ fn commit_batch(conn: &mut Connection, batch: &[Work]) -> Vec<Result<Reply>> {
 
 /// One transaction over the batch. Without `isolate`, the first failing
 /// item rolls everything back and the answer is `None`.
-fn run_batch(conn: &mut Connection, batch: &[Work], isolate: bool) -> Option<Vec<Result<Reply>>> {
-    let mut tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
-        Ok(tx) => tx,
-        Err(e) => return Some(batch.iter().map(|_| Err(failed(&e))).collect()),
-    };
+fn run_batch(db: &mut Prepared<'_>, batch: &[Work], isolate: bool) -> Option<Vec<Result<Reply>>> {
+    if let Err(e) = db.run("BEGIN IMMEDIATE") {
+        return Some(batch.iter().map(|_| Err(failed(&e))).collect());
+    }
     let mut results = Vec::with_capacity(batch.len());
     // Plainly, the balance changes of the whole batch are summed and
     // written once per account at its end.
@@ -709,19 +708,34 @@ fn run_batch(conn: &mut Connection, batch: &[Work], isolate: bool) -> Option<Vec
             std::thread::yield_now();
         }
         let result = if isolate {
-            match tx.savepoint() {
-                // Dropping a savepoint unreleased rolls back this item only.
-                Ok(sp) => match apply(&sp, work, None) {
-                    Ok(reply) => sp.commit().map(|_| reply).map_err(StoreError::from),
-                    Err(e) => Err(e),
+            match db.run("SAVEPOINT item") {
+                Ok(()) => match apply(db, work, None) {
+                    Ok(reply) => db
+                        .run("RELEASE item")
+                        .map(|()| reply)
+                        .map_err(StoreError::from),
+                    Err(e) => {
+                        // Undo this item only.
+                        if let Err(e) = db
+                            .run("ROLLBACK TO item")
+                            .and_then(|()| db.run("RELEASE item"))
+                        {
+                            tracing::error!(error = %e, "could not roll a ledger item back");
+                            db.rollback();
+                            return None;
+                        }
+                        Err(e)
+                    }
                 },
                 Err(e) => Err(e.into()),
             }
         } else {
-            match apply(&tx, work, Some(&mut deltas)) {
+            match apply(db, work, Some(&mut deltas)) {
                 Ok(reply) => Ok(reply),
-                // Dropping the transaction rolls it back.
-                Err(_) => return None,
+                Err(_) => {
+                    db.rollback();
+                    return None;
+                }
             }
         };
         results.push(result);
@@ -731,14 +745,16 @@ fn run_batch(conn: &mut Connection, batch: &[Work], isolate: bool) -> Option<Vec
         .chunks(DELTAS_PER_STATEMENT)
         .filter_map(sql::balances_upsert)
     {
-        if exec(&tx, &stmt).is_err() {
+        if db.exec(&stmt).is_err() {
+            db.rollback();
             return None;
         }
     }
-    Some(match tx.commit() {
+    Some(match db.run("COMMIT") {
         Ok(()) => results,
         Err(e) => {
             tracing::error!(error = %e, "ledger batch commit failed");
+            db.rollback();
             batch.iter().map(|_| Err(failed(&e))).collect()
         }
     })
@@ -748,16 +764,88 @@ fn failed(e: &rusqlite::Error) -> StoreError {
     StoreError::Invalid(format!("database error: {e}"))
 }
 
-fn exec(conn: &Connection, s: &Stmt<'_>) -> Result<usize> {
-    Ok(conn
-        .prepare_cached(&s.sql)?
-        .execute(params_from_iter(s.vals.iter()))?)
+/// Statements the writer's connection runs, each prepared once and kept:
+/// rusqlite's own cache hashes the SQL text on every lookup and again when
+/// the statement goes back, for every statement of every request.
+struct Prepared<'c> {
+    conn: &'c Connection,
+    /// By the address and length of their SQL, which is `'static`: the
+    /// same text is the same statement.
+    stmts: Vec<((usize, usize), Statement<'c>)>,
+}
+
+/// Statements kept, at most (the writer runs about twenty).
+const MAX_PREPARED: usize = 64;
+
+impl<'c> Prepared<'c> {
+    fn new(conn: &'c Connection) -> Self {
+        Prepared {
+            conn,
+            stmts: Vec::new(),
+        }
+    }
+
+    fn get(&mut self, sql: &'static str) -> rusqlite::Result<&mut Statement<'c>> {
+        let key = (sql.as_ptr() as usize, sql.len());
+        let i = match self.stmts.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                if self.stmts.len() >= MAX_PREPARED {
+                    self.stmts.clear();
+                }
+                self.stmts.push((key, self.conn.prepare(sql)?));
+                self.stmts.len() - 1
+            }
+        };
+        Ok(&mut self.stmts[i].1)
+    }
+
+    /// Runs a statement without parameters (transaction control).
+    fn run(&mut self, sql: &'static str) -> rusqlite::Result<()> {
+        self.get(sql)?.execute([]).map(|_| ())
+    }
+
+    /// Rolls the open transaction back, if any.
+    fn rollback(&mut self) {
+        if !self.conn.is_autocommit() {
+            if let Err(e) = self.run("ROLLBACK") {
+                tracing::error!(error = %e, "ledger rollback failed");
+            }
+        }
+    }
+
+    /// Runs `s`; rows changed.
+    fn exec(&mut self, s: &Stmt<'_>) -> Result<usize> {
+        let params = params_from_iter(s.vals.iter());
+        Ok(match &s.sql {
+            Cow::Borrowed(sql) => self.get(sql)?.execute(params)?,
+            // Built per call (balance upserts, per number of accounts).
+            Cow::Owned(sql) => self.conn.prepare_cached(sql)?.execute(params)?,
+        })
+    }
+
+    /// The first row of `s`, if any.
+    fn query_row<T>(
+        &mut self,
+        s: &Stmt<'_>,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Option<T>> {
+        let params = params_from_iter(s.vals.iter());
+        Ok(match &s.sql {
+            Cow::Borrowed(sql) => self.get(sql)?.query_row(params, f).optional()?,
+            Cow::Owned(sql) => self
+                .conn
+                .prepare_cached(sql)?
+                .query_row(params, f)
+                .optional()?,
+        })
+    }
 }
 
 /// Runs one item. With `deltas`, balance changes are added there for the
 /// caller to write; without, they are written here.
 fn apply(
-    conn: &Connection,
+    db: &mut Prepared<'_>,
     work: &Work,
     deltas: Option<&mut HashMap<String, i64>>,
 ) -> Result<Reply> {
@@ -770,7 +858,7 @@ fn apply(
             created_ms,
         }) => {
             let s = sql::hold(request_id, user_id, *amount, owner, *created_ms);
-            exec(conn, &s)?;
+            db.exec(&s)?;
             return Ok(Reply::Done);
         }
         Work::Job { job, unwritten } => (&job.op, unwritten.is_none()),
@@ -781,7 +869,7 @@ fn apply(
         )),
         Op::Release { request_id } => {
             if has_row {
-                exec(conn, &sql::release(request_id))?;
+                db.exec(&sql::release(request_id))?;
             }
             Ok(Reply::Done)
         }
@@ -790,12 +878,12 @@ fn apply(
             let mut settled = false;
             // The settlement's arithmetic was checked before it was queued.
             if let Some(s) = settlement {
-                if exec(conn, &sql::settlement_row(s, now))? == 1 {
+                if db.exec(&sql::settlement_row(s, now))? == 1 {
                     settled = true;
                     if let Some((entries, moved)) =
                         sql::settlement_parts(s, now, sql::OnError::Fail)
                     {
-                        exec(conn, &entries)?;
+                        db.exec(&entries)?;
                         match deltas {
                             Some(deltas) => {
                                 for (account, amount) in moved {
@@ -809,43 +897,38 @@ fn apply(
                             }
                             None => {
                                 if let Some(stmt) = sql::balances_upsert(&moved) {
-                                    exec(conn, &stmt)?;
+                                    db.exec(&stmt)?;
                                 }
                             }
                         }
                     }
                     if has_row {
-                        exec(conn, &sql::close_reservation(&s.request_id))?;
+                        db.exec(&sql::close_reservation(&s.request_id))?;
                     }
                 }
             }
             if let Some(r) = record {
-                exec(conn, &sql::request_row(r))?;
+                db.exec(&sql::request_row(r))?;
             }
             Ok(Reply::Flag(settled))
         }
         Op::TakeDaily { key_id, day, limit } => {
-            exec(conn, &sql::daily_row(key_id, day))?;
-            if exec(conn, &sql::daily_take(key_id, day, *limit))? == 0 {
+            db.exec(&sql::daily_row(key_id, day))?;
+            if db.exec(&sql::daily_take(key_id, day, *limit))? == 0 {
                 return Ok(Reply::Daily(None));
             }
-            let q = sql::daily_used(key_id, day);
-            let used: Option<i64> = conn
-                .prepare_cached(&q.sql)?
-                .query_row(params_from_iter(q.vals.iter()), |r| r.get(0))
-                .optional()?;
+            let used: Option<i64> = db.query_row(&sql::daily_used(key_id, day), |r| r.get(0))?;
             Ok(Reply::Daily(Some(used.unwrap_or(0))))
         }
         Op::RefundDaily { key_id, day } => {
-            exec(conn, &sql::daily_refund(key_id, day))?;
+            db.exec(&sql::daily_refund(key_id, day))?;
             Ok(Reply::Done)
         }
         Op::Flush => Ok(Reply::Done),
-        Op::Recover { owner } => Ok(Reply::Count(exec(conn, &sql::recover(owner))? as u64)),
-        Op::ReleaseStale { max_age_ms } => Ok(Reply::Count(exec(
-            conn,
-            &sql::release_stale(now_ms() - max_age_ms),
-        )? as u64)),
+        Op::Recover { owner } => Ok(Reply::Count(db.exec(&sql::recover(owner))? as u64)),
+        Op::ReleaseStale { max_age_ms } => Ok(Reply::Count(
+            db.exec(&sql::release_stale(now_ms() - max_age_ms))? as u64,
+        )),
     }
 }
 
@@ -864,7 +947,7 @@ fn checkpointer(conn: Connection, stop: std_mpsc::Receiver<()>) {
 
 #[cfg(test)]
 mod tests {
-    use super::{exec, sqlite_path};
+    use super::{sqlite_path, Prepared};
     use crate::ledger::Settlement;
     use crate::sql::{self, OnError};
     use rusqlite::Connection;
@@ -880,7 +963,7 @@ mod tests {
     /// savepoint, or the batch's transaction, must be what undoes them.
     #[test]
     fn entries_that_fail_midway_are_undone_by_the_item_savepoint() {
-        let mut conn = Connection::open_in_memory().unwrap();
+        let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch(
             "CREATE TABLE ledger_entries (id TEXT PRIMARY KEY, txn TEXT NOT NULL, \
              account TEXT NOT NULL, amount BIGINT NOT NULL, kind TEXT NOT NULL, \
@@ -913,24 +996,25 @@ mod tests {
             [&third_id],
         )
         .unwrap();
-        let mut tx = conn.transaction().unwrap();
-        {
-            let sp = tx.savepoint().unwrap();
-            assert!(exec(&sp, &stmt).is_err());
-            assert_eq!(
-                entries_count(&sp),
-                3,
-                "OR FAIL keeps the rows before the failure"
-            );
-            // Dropped without commit: rolled back to the savepoint.
-        }
+        let mut db = Prepared::new(&conn);
+        db.run("BEGIN").unwrap();
+        db.run("SAVEPOINT item").unwrap();
+        assert!(db.exec(&stmt).is_err());
         assert_eq!(
-            entries_count(&tx),
+            entries_count(&conn),
+            3,
+            "OR FAIL keeps the rows before the failure"
+        );
+        db.run("ROLLBACK TO item").unwrap();
+        db.run("RELEASE item").unwrap();
+        assert_eq!(
+            entries_count(&conn),
             1,
             "the item's savepoint undoes its rows"
         );
-        assert!(exec(&tx, &stmt).is_err());
-        drop(tx);
+        assert!(db.exec(&stmt).is_err());
+        db.rollback();
+        assert!(conn.is_autocommit());
         assert_eq!(
             entries_count(&conn),
             1,
