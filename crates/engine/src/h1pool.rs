@@ -17,12 +17,15 @@
 //!   request that hyper hands back unsent (the connection closed as it was
 //!   taken) is sent again, on the next idle connection or a new one. A new
 //!   connection that fails fails the request.
-//! - At most `max_idle` connections are kept idle.
+//! - At most `max_idle` connections are kept idle, and none for longer than
+//!   [`IDLE_TIMEOUT`]: one idle longer is closed when the pool is next used
+//!   rather than reused (a server or a middlebox may have dropped it
+//!   without a word, or may be about to).
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -32,6 +35,15 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
 type Sender = SendRequest<Full<Bytes>>;
+
+/// How long a connection may sit idle and still be reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An idle connection and when it went idle.
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
 
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -57,13 +69,15 @@ pub(crate) struct H1Pool {
 struct Inner {
     /// `host:port`, as connected to.
     authority: String,
-    idle: Mutex<Vec<Sender>>,
+    /// Oldest first: connections go back at the end and are taken from it.
+    idle: Mutex<Vec<Idle>>,
     max_idle: usize,
+    idle_timeout: Duration,
     connect_timeout: Duration,
 }
 
 impl Inner {
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Sender>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
         match self.idle.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -73,11 +87,21 @@ impl Inner {
 
 impl H1Pool {
     pub fn new(authority: String, max_idle: usize, connect_timeout: Duration) -> H1Pool {
+        Self::with_idle_timeout(authority, max_idle, connect_timeout, IDLE_TIMEOUT)
+    }
+
+    fn with_idle_timeout(
+        authority: String,
+        max_idle: usize,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> H1Pool {
         H1Pool {
             inner: Arc::new(Inner {
                 authority,
                 idle: Mutex::new(Vec::new()),
                 max_idle,
+                idle_timeout,
                 connect_timeout,
             }),
         }
@@ -124,7 +148,19 @@ impl H1Pool {
     /// An idle connection that is still open and ready for a request.
     async fn take_idle(&self) -> Option<Sender> {
         loop {
-            let mut sender = self.inner.idle().pop()?;
+            let mut sender = {
+                let mut idle = self.inner.idle();
+                let newest = idle.pop()?;
+                if newest.since.elapsed() > self.inner.idle_timeout {
+                    // It and every older one idled too long: closed as
+                    // they drop (after the lock).
+                    let expired = std::mem::take(&mut *idle);
+                    drop(idle);
+                    drop(expired);
+                    return None;
+                }
+                newest.sender
+            };
             if sender.is_closed() {
                 continue;
             }
@@ -212,10 +248,17 @@ impl Pooled {
             if sender.is_closed() {
                 return;
             }
+            let now = Instant::now();
             let mut idle = inner.idle();
+            // The oldest may have idled too long while this one was busy.
+            let expired =
+                idle.partition_point(|c| now.duration_since(c.since) > inner.idle_timeout);
+            let expired: Vec<Idle> = idle.drain(..expired).collect();
             if idle.len() < inner.max_idle {
-                idle.push(sender);
+                idle.push(Idle { sender, since: now });
             }
+            drop(idle);
+            drop(expired);
         }
     }
 }
@@ -378,6 +421,78 @@ mod tests {
         let r = pool.send(post(addr)).await.unwrap();
         assert!(r.status().is_success());
         r.into_body().collect().await.unwrap();
+        assert_eq!(pool.inner.idle().len(), 1);
+    }
+
+    /// A keep-alive HTTP/1.1 server answering `ok` to every request, and
+    /// the number of connections it accepted.
+    async fn counting_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // One request: its head, then its content-length body.
+                        let complete = |buf: &[u8]| {
+                            let head = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+                            let text = String::from_utf8_lossy(&buf[..head]).to_ascii_lowercase();
+                            let len = text
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                            (buf.len() >= head + len).then_some(head + len)
+                        };
+                        while complete(&buf).is_none() {
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = complete(&buf).unwrap();
+                        buf.drain(..end);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if sock.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_too_long_is_not_reused() {
+        use std::sync::atomic::Ordering;
+        let (addr, accepted) = counting_server().await;
+        let pool = H1Pool::with_idle_timeout(
+            addr.to_string(),
+            4,
+            Duration::from_secs(5),
+            Duration::from_millis(200),
+        );
+        let get = || async {
+            let r = pool.send(post(addr)).await.unwrap();
+            r.into_body().collect().await.unwrap().to_bytes()
+        };
+        assert_eq!(get().await, "ok");
+        assert_eq!(get().await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused while fresh");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(get().await, "ok");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "idle too long: a new one"
+        );
         assert_eq!(pool.inner.idle().len(), 1);
     }
 
