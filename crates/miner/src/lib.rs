@@ -3,6 +3,7 @@
 //! signed invocations from the validator as SSE streams of engine events.
 
 pub mod config;
+mod serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +14,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use ed25519_dalek::SigningKey;
 use futures_util::{FutureExt, StreamExt};
@@ -111,14 +111,12 @@ pub async fn start(
         let stop = shutdown.clone();
         tasks.spawn(async move { agent.run(stop).await }.instrument(tracing::info_span!("agent")));
     }
+    let streams = serve::max_streams(engine.info().capacity);
     let handle = tokio::spawn(async move {
-        let result = axum::serve(listener.tap_io(set_nodelay), app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-            .map_err(|e| MinerError::Io(format!("server: {e}")));
+        serve::serve(listener, app, streams, shutdown).await;
         tasks.close();
         tasks.wait().await;
-        result
+        Ok(())
     });
     tracing::info!(%addr, %endpoint, "miner listening");
     Ok(Running {
@@ -404,13 +402,6 @@ impl Agent {
             StatusCode::NOT_FOUND => Ok(false),
             s => Err(format!("heartbeat refused: {s}")),
         }
-    }
-}
-
-/// Token-sized writes must not wait for Nagle's algorithm.
-fn set_nodelay(stream: &mut tokio::net::TcpStream) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::trace!(error = %e, "could not set TCP_NODELAY");
     }
 }
 
