@@ -365,3 +365,82 @@ async fn miners_refuse_invocations_without_a_valid_mac() {
     .await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// Sends `body` to `base` + `path` over HTTP/2 with prior knowledge (no
+/// upgrade, as gRPC-style clients and proxies speak it) and reads the
+/// whole answer: status, content type and body.
+async fn post_h2(base: &str, path: &str, key: Option<&str>, body: Value) -> (u16, String, String) {
+    let authority = base.trim_start_matches("http://");
+    let tcp = tokio::net::TcpStream::connect(authority).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let mut req =
+        http::Request::post(format!("{base}{path}")).header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let (answer, mut send) = client.send_request(req.body(()).unwrap(), false).unwrap();
+    send.send_data(serde_json::to_vec(&body).unwrap().into(), true)
+        .unwrap();
+    let resp = answer.await.unwrap();
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let mut body = resp.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        text.extend_from_slice(&chunk);
+    }
+    (status, content_type, String::from_utf8(text).unwrap())
+}
+
+/// The public API also speaks HTTP/2 without upgrade: answers, streams and
+/// errors are the same as over HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_api_answers_http2_with_prior_knowledge() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_v, base, key) = validator(dir.path(), "");
+    let _m = fake_miner(dir.path(), &base, "m1", "capacity = 4\n");
+    wait_routable(&base, 1).await;
+    let chat = |stream: bool| json!({"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 5, "stream": stream});
+
+    let (status, _, body) = post_h2(&base, "/v1/chat/completions", Some(&key), chat(false)).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], expected_text(5));
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+
+    let (status, content_type, body) =
+        post_h2(&base, "/v1/chat/completions", Some(&key), chat(true)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+    let payloads = sse_payloads(&body);
+    assert_eq!(payloads.last().unwrap(), "[DONE]");
+    let text: String = payloads[..payloads.len() - 1]
+        .iter()
+        .filter_map(|p| serde_json::from_str::<Value>(p).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(text, expected_text(5));
+
+    let (status, _, body) = post_h2(&base, "/v1/chat/completions", None, chat(false)).await;
+    assert_eq!(status, 401, "{body}");
+    let err: Value = serde_json::from_str(&body).unwrap();
+    assert!(err["error"]["message"].is_string(), "{body}");
+    assert!(err["error"]["type"].is_string(), "{body}");
+}
