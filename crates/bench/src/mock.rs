@@ -76,10 +76,7 @@ impl MockServer {
     /// The JSON body of the last request (only with `record`).
     pub fn last_request(&self) -> Option<serde_json::Value> {
         let slot = self.shared.last.as_ref()?;
-        let guard = match slot.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let guard = sluice_proto::sync::lock(slot);
         guard.as_ref().and_then(|b| serde_json::from_slice(b).ok())
     }
 }

@@ -78,10 +78,7 @@ struct Inner {
 
 impl Inner {
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        match self.idle.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        sluice_proto::sync::lock(&self.idle)
     }
 }
 

@@ -162,10 +162,7 @@ async fn invoke(State(state): State<MinerState>, headers: HeaderMap, body: Bytes
     };
     let request_id = header(HDR_REQUEST_ID).to_string();
     let key = {
-        let keys = match state.invoke_keys.read() {
-            Ok(k) => k,
-            Err(p) => p.into_inner(),
-        };
+        let keys = sluice_proto::sync::read(&state.invoke_keys);
         if keys.is_empty() {
             return reject(StatusCode::SERVICE_UNAVAILABLE, "not registered yet");
         }

@@ -8,6 +8,7 @@ pub mod keys;
 pub mod miner;
 pub mod openai;
 pub mod sse;
+pub mod sync;
 
 /// An error and its causes on one line. HTTP clients' own messages are
 /// often only the outermost layer ("client error (Connect)").

@@ -225,10 +225,7 @@ const MAX_HEADROOMS: usize = 100_000;
 const SWEEP: Duration = Duration::from_millis(100);
 
 fn lock(fast: &Mutex<FastPath>) -> std::sync::MutexGuard<'_, FastPath> {
-    match fast.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
+    sluice_proto::sync::lock(fast)
 }
 
 /// Handle to the writer thread; the thread ends when the last handle drops.

@@ -507,10 +507,9 @@ fn never_indexed(mut v: HeaderValue) -> HeaderValue {
 
 /// The invocation key shared with a miner, computed once per miner.
 fn invoke_key(state: &AppState, miner_key: &str) -> Option<InvokeKey> {
-    let cached = match state.invoke_keys.read() {
-        Ok(k) => k.get(miner_key).cloned(),
-        Err(p) => p.into_inner().get(miner_key).cloned(),
-    };
+    let cached = sluice_proto::sync::read(&state.invoke_keys)
+        .get(miner_key)
+        .cloned();
     if cached.is_some() {
         return cached;
     }
@@ -518,10 +517,7 @@ fn invoke_key(state: &AppState, miner_key: &str) -> Option<InvokeKey> {
         &state.signing_key,
         &parse_public(miner_key).ok()?,
     )?);
-    let mut keys = match state.invoke_keys.write() {
-        Ok(k) => k,
-        Err(p) => p.into_inner(),
-    };
+    let mut keys = sluice_proto::sync::write(&state.invoke_keys);
     // Miners come and go: keep the cache bounded.
     if keys.len() >= 100_000 {
         keys.clear();

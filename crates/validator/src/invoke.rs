@@ -25,7 +25,7 @@ use http_body_util::{BodyDataStream, Full};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::registry::lock;
+use sluice_proto::sync::lock;
 
 /// Per-stream receive window: answers the driver has not forwarded yet (a
 /// client reading slowly) hold flow-control window, and a small window per

@@ -102,10 +102,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn chutes(&self) -> Arc<Vec<Chute>> {
-        match self.chutes.read() {
-            Ok(c) => c.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        sluice_proto::sync::read(&self.chutes).clone()
     }
 
     pub fn chute_ids(&self) -> Vec<String> {

@@ -191,10 +191,7 @@ impl Limiter {
         let tokens = tokens.min(limits.tpm);
         match self {
             Limiter::Local(map) => {
-                let mut map = match map.lock() {
-                    Ok(m) => m,
-                    Err(p) => p.into_inner(),
-                };
+                let mut map = sluice_proto::sync::lock(map);
                 if map.len() > 100_000 {
                     map.retain(|_, w| w.entries.back().is_some_and(|e| e.ts > now - WINDOW_MS));
                 }
@@ -239,10 +236,7 @@ impl Limiter {
     ) -> Result<(), LimitError> {
         match self {
             Limiter::Local(map) => {
-                let mut map = match map.lock() {
-                    Ok(m) => m,
-                    Err(p) => p.into_inner(),
-                };
+                let mut map = sluice_proto::sync::lock(map);
                 if let Some(window) = map.get_mut(key_id) {
                     window.update(request_id, tokens);
                 }

@@ -23,21 +23,13 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::retry::Breaker;
+use sluice_proto::sync::{lock, read, write};
 use sluice_store::now_ms;
 
 const FLAP_BASE_MS: i64 = 1_000;
 const FLAP_MAX_MS: i64 = 30_000;
 /// A probe failure this long after the previous one starts a new count.
 const FLAP_MEMORY_MS: i64 = 60_000;
-
-/// Locks `m`, taking over a lock poisoned by a panicking holder (the data
-/// behind these locks stays consistent between statements).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
 
 /// One model served by one miner.
 #[derive(Debug)]
@@ -304,10 +296,7 @@ impl Registry {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
-        match self.table.read() {
-            Ok(t) => t,
-            Err(p) => p.into_inner(),
-        }
+        read(&self.table)
     }
 
     pub fn gate(&self, model: &str) -> Arc<ChuteGate> {
@@ -316,10 +305,7 @@ impl Registry {
                 return gate.clone();
             }
         }
-        let mut g = match self.gates.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut g = write(&self.gates);
         g.entry(model.to_string()).or_default().clone()
     }
 
@@ -328,10 +314,7 @@ impl Registry {
     pub fn replace_miner(&self, miner_key: &str, new: Vec<Arc<Instance>>) {
         let mut models: Vec<String> = new.iter().map(|i| i.model.clone()).collect();
         {
-            let mut table = match self.table.write() {
-                Ok(t) => t,
-                Err(p) => p.into_inner(),
-            };
+            let mut table = write(&self.table);
             let old = table.by_miner.remove(miner_key).unwrap_or_default();
             models.extend(old.iter().map(|i| i.model.clone()));
             models.sort();

@@ -59,10 +59,7 @@ impl Default for Breaker {
 
 impl Breaker {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        match self.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        sluice_proto::sync::lock(&self.inner)
     }
 
     pub fn state(&self) -> BreakerState {
