@@ -199,23 +199,9 @@ async fn a_failing_write_does_not_undo_its_batch() {
     store.add_funds(&user, 1_000).await.unwrap();
     assert!(store.reserve("ok", &user, 100, "o").await.unwrap());
     let row = sluice_store::RequestRecord {
-        id: "dup".into(),
-        user_id: user.clone(),
-        key_id: "k".into(),
-        model: "m".into(),
-        kind: "chat".into(),
-        stream: false,
-        miner_key: None,
-        status: "ok".into(),
-        http_status: 200,
-        prompt_tokens: 1,
-        completion_tokens: 1,
-        attempts: 1,
-        queue_ms: 0,
-        ttft_ms: None,
-        latency_ms: 1,
         created_ms: 1,
         cost: 0,
+        ..request_row("dup", &user)
     };
     store.record_request(&row).await.unwrap();
     let settlement = Settlement {
@@ -352,25 +338,7 @@ async fn finished_requests_commit_on_close_and_a_failed_settlement_keeps_its_row
     .execute(store.pool())
     .await
     .unwrap();
-    let row = |id: &str| sluice_store::RequestRecord {
-        id: id.into(),
-        user_id: user.clone(),
-        key_id: "k".into(),
-        model: "finish-model".into(),
-        kind: "chat".into(),
-        stream: false,
-        miner_key: None,
-        status: "ok".into(),
-        http_status: 200,
-        prompt_tokens: 1,
-        completion_tokens: 1,
-        attempts: 1,
-        queue_ms: 0,
-        ttft_ms: None,
-        latency_ms: 1,
-        created_ms: sluice_store::now_ms(),
-        cost: 60,
-    };
+    let row = |id: &str| request_row(id, &user);
     let settlement = |id: &str| Settlement {
         request_id: id.into(),
         user_id: user.clone(),
@@ -396,4 +364,27 @@ async fn finished_requests_commit_on_close_and_a_failed_settlement_keeps_its_row
     let bal = store.balance(&user).await.unwrap();
     assert_eq!(bal.ledger, 940);
     assert!(store.ledger_check().await.unwrap().is_balanced());
+}
+
+/// A finished request's row as the validator writes it.
+fn request_row(id: &str, user_id: &str) -> sluice_store::RequestRecord {
+    sluice_store::RequestRecord {
+        id: id.into(),
+        user_id: user_id.into(),
+        key_id: "k".into(),
+        model: "m".into(),
+        kind: "chat".into(),
+        stream: false,
+        miner_key: None,
+        status: "ok".into(),
+        http_status: 200,
+        prompt_tokens: 1,
+        completion_tokens: 1,
+        attempts: 1,
+        queue_ms: 0,
+        ttft_ms: None,
+        latency_ms: 1,
+        created_ms: sluice_store::now_ms(),
+        cost: 60,
+    }
 }
