@@ -706,12 +706,13 @@ fn run_batch(db: &mut Prepared<'_>, batch: &[Work], isolate: bool) -> Option<Vec
         }
         let result = if isolate {
             match db.run("SAVEPOINT item") {
-                Ok(()) => match apply(db, work, None) {
-                    Ok(reply) => db
-                        .run("RELEASE item")
-                        .map(|()| reply)
-                        .map_err(StoreError::from),
-                    Err(e) => {
+                Ok(()) => {
+                    let applied = apply(db, work, None).and_then(|reply| {
+                        db.run("RELEASE item")
+                            .map(|()| reply)
+                            .map_err(StoreError::from)
+                    });
+                    if applied.is_err() {
                         // Undo this item only.
                         if let Err(e) = db
                             .run("ROLLBACK TO item")
@@ -721,9 +722,9 @@ fn run_batch(db: &mut Prepared<'_>, batch: &[Work], isolate: bool) -> Option<Vec
                             db.rollback();
                             return None;
                         }
-                        Err(e)
                     }
-                },
+                    applied
+                }
                 Err(e) => Err(e.into()),
             }
         } else {
