@@ -50,6 +50,11 @@ pub struct ValidatorConfig {
     /// upgrade); `false` for HTTP/1.1, e.g. for miners behind a proxy that
     /// only speaks HTTP/1.
     pub miner_http2: bool,
+    /// Which miner endpoints registration accepts: `"any"`, or `"public"`
+    /// (globally routable addresses only, a host name pinned to the
+    /// address it resolved to) for a validator open to miners on the
+    /// internet. See [`crate::endpoints`].
+    pub miner_endpoints: crate::endpoints::MinerEndpoints,
 }
 
 impl Default for ValidatorConfig {
@@ -76,6 +81,7 @@ impl Default for ValidatorConfig {
             paid_tpm: 2_000_000,
             fee_percent: 5,
             miner_http2: true,
+            miner_endpoints: crate::endpoints::MinerEndpoints::Any,
         }
     }
 }

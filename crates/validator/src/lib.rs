@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod billing;
 pub mod config;
+pub mod endpoints;
 pub mod error;
 pub mod forward;
 pub mod invoke;

@@ -108,6 +108,11 @@ async fn register_inner(
             Some("endpoint".to_string()),
         ));
     }
+    // Where invocations and probes will go: the endpoint as offered, or
+    // pinned to the public address its host resolved to.
+    let endpoint = crate::endpoints::admit(state.config.miner_endpoints, &req.endpoint)
+        .await
+        .map_err(|e| ApiError::invalid(e, Some("endpoint".to_string())))?;
     if req.chutes.is_empty() {
         return Err(ApiError::invalid(
             "offer at least one chute",
@@ -143,7 +148,7 @@ async fn register_inner(
         instances.push(Arc::new(Instance::new(
             id,
             &req.miner_key,
-            &req.endpoint,
+            &endpoint,
             &offered.model,
             offered.capacity,
             offered.context_length,
@@ -151,12 +156,12 @@ async fn register_inner(
     }
     state
         .store
-        .upsert_miner(&req.miner_key, &req.endpoint, &req.hardware)
+        .upsert_miner(&req.miner_key, &endpoint, &req.hardware)
         .await
         .map_err(ApiError::internal)?;
     state.refresh_chutes().await;
     state.registry.replace_miner(&req.miner_key, instances);
-    tracing::info!(miner = %&req.miner_key[..12.min(req.miner_key.len())], endpoint = %req.endpoint, "miner registered");
+    tracing::info!(miner = %&req.miner_key[..12.min(req.miner_key.len())], %endpoint, "miner registered");
     Ok(RegisterResponse {
         instance_ids: ids,
         heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
@@ -272,6 +277,44 @@ mod tests {
         }
         let (status, body) = register(&base, "http://127.0.0.1:9000").await;
         assert_eq!(status, 200, "{body}");
+        stop.cancel();
+    }
+
+    /// A validator for miners on the internet refuses endpoints on its own
+    /// networks, and pins the ones it accepts to the address it checked.
+    #[tokio::test]
+    async fn public_only_validators_refuse_private_endpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = CancellationToken::new();
+        let cfg = ValidatorConfig {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: dir.path().to_path_buf(),
+            miner_endpoints: crate::endpoints::MinerEndpoints::Public,
+            ..Default::default()
+        };
+        let running = crate::start(cfg, stop.clone()).await.unwrap();
+        let base = format!("http://{}", running.addr);
+        for private in [
+            "http://127.0.0.1:9000",
+            "http://localhost:9000",
+            "http://169.254.169.254",
+        ] {
+            let (status, body) = register(&base, private).await;
+            assert_eq!(status, 400, "{private}: {body}");
+            assert_eq!(body["error"]["param"], "endpoint", "{private}: {body}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("not a public address"),
+                "{body}"
+            );
+        }
+        let (status, body) = register(&base, "http://203.0.114.9:9000").await;
+        assert_eq!(status, 200, "{body}");
+        let routed = running.state.registry.all();
+        let endpoints: Vec<&str> = routed.iter().map(|i| i.endpoint.as_str()).collect();
+        assert_eq!(endpoints, ["http://203.0.114.9:9000"]);
         stop.cancel();
     }
 }
