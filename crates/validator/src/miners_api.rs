@@ -208,6 +208,7 @@ mod tests {
     };
     use tokio_util::sync::CancellationToken;
 
+    use crate::endpoints::MinerEndpoints;
     use crate::ValidatorConfig;
 
     /// Registers with `endpoint`, signed properly; returns the status and body.
@@ -244,19 +245,28 @@ mod tests {
         (resp.status().as_u16(), resp.json().await.unwrap())
     }
 
-    /// Invocations are plain HTTP: an endpoint the validator could not
-    /// invoke is refused at registration, with the field named.
-    #[tokio::test]
-    async fn endpoints_must_be_plain_http_urls() {
+    /// A validator on a free port with `miner_endpoints`, and its base URL.
+    async fn started(
+        miner_endpoints: MinerEndpoints,
+    ) -> (tempfile::TempDir, CancellationToken, crate::Running, String) {
         let dir = tempfile::tempdir().unwrap();
         let stop = CancellationToken::new();
         let cfg = ValidatorConfig {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: dir.path().to_path_buf(),
+            miner_endpoints,
             ..Default::default()
         };
         let running = crate::start(cfg, stop.clone()).await.unwrap();
         let base = format!("http://{}", running.addr);
+        (dir, stop, running, base)
+    }
+
+    /// Invocations are plain HTTP: an endpoint the validator could not
+    /// invoke is refused at registration, with the field named.
+    #[tokio::test]
+    async fn endpoints_must_be_plain_http_urls() {
+        let (_dir, stop, _running, base) = started(MinerEndpoints::Any).await;
         for bad in [
             "https://127.0.0.1:9000",
             "ftp://127.0.0.1:9000",
@@ -284,16 +294,7 @@ mod tests {
     /// networks, and pins the ones it accepts to the address it checked.
     #[tokio::test]
     async fn public_only_validators_refuse_private_endpoints() {
-        let dir = tempfile::tempdir().unwrap();
-        let stop = CancellationToken::new();
-        let cfg = ValidatorConfig {
-            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-            data_dir: dir.path().to_path_buf(),
-            miner_endpoints: crate::endpoints::MinerEndpoints::Public,
-            ..Default::default()
-        };
-        let running = crate::start(cfg, stop.clone()).await.unwrap();
-        let base = format!("http://{}", running.addr);
+        let (_dir, stop, running, base) = started(MinerEndpoints::Public).await;
         for private in [
             "http://127.0.0.1:9000",
             "http://localhost:9000",
