@@ -327,12 +327,8 @@ impl Agent {
         let invoke_key = pair_key(&self.key, &vkey)
             .map(|k| InvokeKey::new(&k))
             .ok_or_else(|| "the validator's key gives no shared secret".to_string())?;
-        match self.state.invoke_keys.write() {
-            Ok(mut k) => k.insert(nonce.validator_key.clone(), invoke_key),
-            Err(p) => p
-                .into_inner()
-                .insert(nonce.validator_key.clone(), invoke_key),
-        };
+        sluice_proto::sync::write(&self.state.invoke_keys)
+            .insert(nonce.validator_key.clone(), invoke_key);
         let info = self.engine.info();
         let chutes = vec![OfferedChute {
             model: info.model_id.clone(),
