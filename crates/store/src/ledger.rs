@@ -175,6 +175,36 @@ pub(crate) fn new_id() -> String {
     crate::time_ordered_id()
 }
 
+/// Logs what became of a finished request's settlement and row
+/// (`settled`: whether the settlement was newly written). Returns whether
+/// the row must now be written alone: the settlement failed, so the
+/// request is not charged (its reservation stays open until recovery
+/// releases it) and is never charged twice.
+pub(crate) fn report_finish(
+    request_id: &str,
+    had_settlement: bool,
+    settled: &Result<bool>,
+) -> bool {
+    match settled {
+        Ok(false) if had_settlement => {
+            tracing::warn!(
+                request_id,
+                "request was already settled; not charging again"
+            );
+            false
+        }
+        Ok(_) => false,
+        Err(e) if had_settlement => {
+            tracing::error!(request_id, error = %e, "could not settle and record the request");
+            true
+        }
+        Err(e) => {
+            tracing::error!(request_id, error = %e, "could not record request metadata");
+            false
+        }
+    }
+}
+
 impl Store {
     async fn sum_account(&self, account: &str) -> Result<i64> {
         let row = sqlx::query("SELECT balance FROM account_balances WHERE account = $1")
@@ -343,22 +373,12 @@ impl Store {
             }
             return;
         }
-        match self
+        let settled = self
             .settle_and_record(settlement.as_ref(), Some(&record))
-            .await
-        {
-            Ok(settled) => {
-                if settlement.is_some() && !settled {
-                    tracing::warn!(request_id = %record.id, "request was already settled; not charging again");
-                }
-            }
-            Err(e) => {
-                tracing::error!(request_id = %record.id, error = %e, "could not settle and record the request");
-                if settlement.is_some() {
-                    if let Err(e) = self.record_request(&record).await {
-                        tracing::error!(request_id = %record.id, error = %e, "could not record request metadata");
-                    }
-                }
+            .await;
+        if report_finish(&record.id, settlement.is_some(), &settled) {
+            if let Err(e) = self.record_request(&record).await {
+                tracing::error!(request_id = %record.id, error = %e, "could not record request metadata");
             }
         }
     }

@@ -647,30 +647,17 @@ fn report_detached(op: Op, result: Result<Reply>) -> Option<Job> {
         return None;
     };
     let id = record.as_ref().map_or("", |r| r.id.as_str());
-    match result {
-        Ok(Reply::Flag(false)) if settlement.is_some() => {
-            tracing::warn!(
-                request_id = id,
-                "request was already settled; not charging again"
-            );
-            None
-        }
-        Ok(_) => None,
-        Err(e) if settlement.is_some() => {
-            tracing::error!(request_id = id, error = %e, "could not settle and record the request");
-            record.map(|record| Job {
-                op: Op::Settle {
-                    settlement: None,
-                    record: Some(record),
-                },
-                reply: None,
-            })
-        }
-        Err(e) => {
-            tracing::error!(request_id = id, error = %e, "could not record request metadata");
-            None
-        }
+    let settled = result.map(|reply| matches!(reply, Reply::Flag(true)));
+    if !crate::ledger::report_finish(id, settlement.is_some(), &settled) {
+        return None;
     }
+    record.map(|record| Job {
+        op: Op::Settle {
+            settlement: None,
+            record: Some(record),
+        },
+        reply: None,
+    })
 }
 
 /// Runs a batch in one transaction; every item gets its own result, or
@@ -812,14 +799,23 @@ impl<'c> Prepared<'c> {
         }
     }
 
+    /// Runs `run` on the statement of `s`: a kept one for `'static` SQL,
+    /// else rusqlite's cache (SQL built per call: balance upserts, one text
+    /// per number of accounts).
+    fn with<T>(
+        &mut self,
+        s: &Stmt<'_>,
+        run: impl FnOnce(&mut Statement<'c>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        match &s.sql {
+            Cow::Borrowed(sql) => run(self.get(sql)?),
+            Cow::Owned(sql) => run(&mut *self.conn.prepare_cached(sql)?),
+        }
+    }
+
     /// Runs `s`; rows changed.
     fn exec(&mut self, s: &Stmt<'_>) -> Result<usize> {
-        let params = params_from_iter(s.vals.iter());
-        Ok(match &s.sql {
-            Cow::Borrowed(sql) => self.get(sql)?.execute(params)?,
-            // Built per call (balance upserts, per number of accounts).
-            Cow::Owned(sql) => self.conn.prepare_cached(sql)?.execute(params)?,
-        })
+        Ok(self.with(s, |st| st.execute(params_from_iter(s.vals.iter())))?)
     }
 
     /// The first row of `s`, if any.
@@ -828,15 +824,9 @@ impl<'c> Prepared<'c> {
         s: &Stmt<'_>,
         f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
     ) -> Result<Option<T>> {
-        let params = params_from_iter(s.vals.iter());
-        Ok(match &s.sql {
-            Cow::Borrowed(sql) => self.get(sql)?.query_row(params, f).optional()?,
-            Cow::Owned(sql) => self
-                .conn
-                .prepare_cached(sql)?
-                .query_row(params, f)
-                .optional()?,
-        })
+        Ok(self.with(s, |st| {
+            st.query_row(params_from_iter(s.vals.iter()), f).optional()
+        })?)
     }
 }
 
