@@ -262,6 +262,18 @@ mod tests {
         (dir, stop, running, base)
     }
 
+    /// Registering with `endpoint` is refused: 400, the field named, and a
+    /// message that says `why`.
+    async fn assert_endpoint_refused(base: &str, endpoint: &str, why: &str) {
+        let (status, body) = register(base, endpoint).await;
+        assert_eq!(status, 400, "{endpoint}: {body}");
+        assert_eq!(body["error"]["param"], "endpoint", "{endpoint}: {body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(why),
+            "{body}"
+        );
+    }
+
     /// Invocations are plain HTTP: an endpoint the validator could not
     /// invoke is refused at registration, with the field named.
     #[tokio::test]
@@ -274,16 +286,7 @@ mod tests {
             "127.0.0.1:9000",
             "http://127.0.0.1:9000/?x=1",
         ] {
-            let (status, body) = register(&base, bad).await;
-            assert_eq!(status, 400, "{bad}: {body}");
-            assert_eq!(body["error"]["param"], "endpoint", "{bad}: {body}");
-            assert!(
-                body["error"]["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("http://"),
-                "{body}"
-            );
+            assert_endpoint_refused(&base, bad, "http://").await;
         }
         let (status, body) = register(&base, "http://127.0.0.1:9000").await;
         assert_eq!(status, 200, "{body}");
@@ -300,16 +303,7 @@ mod tests {
             "http://localhost:9000",
             "http://169.254.169.254",
         ] {
-            let (status, body) = register(&base, private).await;
-            assert_eq!(status, 400, "{private}: {body}");
-            assert_eq!(body["error"]["param"], "endpoint", "{private}: {body}");
-            assert!(
-                body["error"]["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("not a public address"),
-                "{body}"
-            );
+            assert_endpoint_refused(&base, private, "not a public address").await;
         }
         let (status, body) = register(&base, "http://203.0.114.9:9000").await;
         assert_eq!(status, 200, "{body}");
