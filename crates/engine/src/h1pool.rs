@@ -80,6 +80,14 @@ impl Inner {
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
         sluice_proto::sync::lock(&self.idle)
     }
+
+    /// Takes out of `idle` the connections idle longer than the timeout
+    /// (the oldest ones). The caller drops them, closing them, after
+    /// letting go of the lock.
+    fn take_expired(&self, idle: &mut Vec<Idle>, now: Instant) -> Vec<Idle> {
+        let expired = idle.partition_point(|c| now.duration_since(c.since) > self.idle_timeout);
+        idle.drain(..expired).collect()
+    }
 }
 
 impl H1Pool {
@@ -147,16 +155,11 @@ impl H1Pool {
         loop {
             let mut sender = {
                 let mut idle = self.inner.idle();
-                let newest = idle.pop()?;
-                if newest.since.elapsed() > self.inner.idle_timeout {
-                    // It and every older one idled too long: closed as
-                    // they drop (after the lock).
-                    let expired = std::mem::take(&mut *idle);
-                    drop(idle);
-                    drop(expired);
-                    return None;
-                }
-                newest.sender
+                let expired = self.inner.take_expired(&mut idle, Instant::now());
+                let newest = idle.pop();
+                drop(idle);
+                drop(expired);
+                newest?.sender
             };
             if sender.is_closed() {
                 continue;
@@ -248,9 +251,7 @@ impl Pooled {
             let now = Instant::now();
             let mut idle = inner.idle();
             // The oldest may have idled too long while this one was busy.
-            let expired =
-                idle.partition_point(|c| now.duration_since(c.since) > inner.idle_timeout);
-            let expired: Vec<Idle> = idle.drain(..expired).collect();
+            let expired = inner.take_expired(&mut idle, now);
             if idle.len() < inner.max_idle {
                 idle.push(Idle { sender, since: now });
             }
