@@ -18,7 +18,7 @@ use sluice_store::{now_ms, Chute};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::forward::Trace;
-use crate::limits::{Exceeded, Reset, WindowLimits};
+use crate::limits::{Exceeded, Recorded, Reset, WindowLimits};
 use crate::AppState;
 
 /// What the `x-ratelimit-*` headers report.
@@ -74,7 +74,8 @@ pub struct Admitted {
     pub paid: bool,
     /// The UTC day whose free quota this request used.
     pub day: Option<String>,
-    pub window_recorded: bool,
+    /// Where the rate limiter recorded the request, if it did.
+    pub window: Option<Recorded>,
     pub reserved: bool,
     pub price_in: i64,
     pub price_out: i64,
@@ -144,15 +145,15 @@ pub async fn admit(
         }
     };
     let estimate = prompt_bytes as u64 / 3 + max_tokens.unwrap_or(256) as u64;
-    let window = match state
+    let (window, recorded) = match state
         .limiter
         .admit(&caller.key_id, request_id, estimate, limits, now)
         .await
     {
-        Ok(w) => Some(w),
+        Ok(a) => (Some(a.state), a.recorded),
         Err(e) => {
             tracing::warn!(error = %e, "rate limiter unavailable; admitting without it");
-            None
+            (None, None)
         }
     };
     let h = RateHeaders {
@@ -198,7 +199,7 @@ pub async fn admit(
     let mut admitted = Admitted {
         paid,
         day,
-        window_recorded: window.is_some(),
+        window: recorded,
         reserved: false,
         price_in: chute.price_in_micros,
         price_out: chute.price_out_micros,
@@ -241,8 +242,12 @@ async fn give_back(state: &AppState, caller: &Caller, request_id: &str, admitted
             tracing::warn!(error = %e, "could not refund a daily quota unit");
         }
     }
-    if admitted.window_recorded {
-        if let Err(e) = state.limiter.update(&caller.key_id, request_id, None).await {
+    if let Some(recorded) = admitted.window {
+        if let Err(e) = state
+            .limiter
+            .update(&caller.key_id, request_id, recorded, None)
+            .await
+        {
             tracing::warn!(error = %e, "could not remove a rate-limit window entry");
         }
     }
@@ -301,11 +306,11 @@ pub async fn finish(
         credits,
         fee: cost - credited,
     };
-    if admitted.window_recorded {
+    if let Some(recorded) = admitted.window {
         let actual = (trace.prompt_tokens + trace.completion_tokens) as u64;
         if let Err(e) = state
             .limiter
-            .update(&caller.key_id, request_id, Some(actual))
+            .update(&caller.key_id, request_id, recorded, Some(actual))
             .await
         {
             tracing::warn!(error = %e, "could not update the token window");

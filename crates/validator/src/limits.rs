@@ -47,25 +47,44 @@ pub enum LimitError {
 
 /// One key's window in memory, with running totals so that admitting
 /// and updating cost O(1) whatever the limits (a key allowed 100k
-/// requests a minute keeps 100k entries).
+/// requests a minute keeps 100k entries). An admitted request is found
+/// again by the sequence number [`Limiter::admit`] hands out, not by its
+/// id: an entry is 32 bytes in a ring, with no string or hash-map slot of
+/// its own (at 15,000 requests a second one key's window holds 900,000).
 #[derive(Default)]
 pub struct Window {
-    /// Oldest first; entries of removed requests stay (dead) until they
-    /// reach either end.
+    /// Oldest first, in increasing `seq`; entries of removed requests stay
+    /// (dead) until they reach either end.
     entries: VecDeque<Entry>,
-    /// Sequence number of `entries[0]`.
-    first_seq: u64,
-    /// Live request id -> sequence number.
-    ids: HashMap<String, u64>,
+    /// The sequence number the next entry gets. Never reused, so a stale
+    /// [`Recorded`] cannot reach a newer request's entry.
+    next_seq: u64,
     count: u64,
     used: u64,
 }
 
 struct Entry {
+    seq: u64,
     ts: i64,
-    id: String,
     tokens: u64,
     live: bool,
+}
+
+/// Where [`Limiter::admit`] recorded a request, for [`Limiter::update`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// The entry's sequence number in this node's window of the key.
+    Local(u64),
+    /// In Redis, found by the request id.
+    Shared,
+}
+
+/// The outcome of [`Limiter::admit`]: the decision and, when the request
+/// fits, where it was recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    pub state: WindowState,
+    pub recorded: Option<Recorded>,
 }
 
 impl Window {
@@ -76,60 +95,58 @@ impl Window {
             }
             if let Some(e) = self.entries.pop_front() {
                 if e.live {
-                    self.forget(&e);
+                    self.count -= 1;
+                    self.used -= e.tokens;
                 }
             }
-            self.first_seq += 1;
         }
         while self.entries.back().is_some_and(|e| !e.live) {
             self.entries.pop_back();
         }
     }
 
-    fn forget(&mut self, e: &Entry) {
-        self.count -= 1;
-        self.used -= e.tokens;
-        let seq = self.ids.get(&e.id).copied();
-        // A reused request id may point at a newer entry: keep that one.
-        if seq.is_some_and(|s| s <= self.first_seq) {
-            self.ids.remove(&e.id);
-        }
-    }
-
-    fn push(&mut self, ts: i64, id: &str, tokens: u64) {
-        let seq = self.first_seq + self.entries.len() as u64;
-        self.ids.insert(id.to_string(), seq);
+    fn push(&mut self, ts: i64, tokens: u64) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
         self.entries.push_back(Entry {
+            seq,
             ts,
-            id: id.to_string(),
             tokens,
             live: true,
         });
         self.count += 1;
         self.used += tokens;
+        seq
     }
 
-    fn update(&mut self, id: &str, tokens: Option<u64>) {
-        let Some(&seq) = self.ids.get(id) else {
+    /// The live entry with sequence number `seq`, if still in the window.
+    fn find(&mut self, seq: u64) -> Option<&mut Entry> {
+        let first = self.entries.front()?.seq;
+        // Sequence numbers are contiguous unless dead entries were taken
+        // off the back: try the direct index, then search.
+        let guess = usize::try_from(seq.checked_sub(first)?).ok()?;
+        let at = match self.entries.get(guess) {
+            Some(e) if e.seq == seq => guess,
+            _ => self.entries.binary_search_by_key(&seq, |e| e.seq).ok()?,
+        };
+        self.entries.get_mut(at).filter(|e| e.live)
+    }
+
+    fn update(&mut self, seq: u64, tokens: Option<u64>) {
+        let Some(e) = self.find(seq) else {
             return;
         };
-        let Some(e) = self
-            .entries
-            .get_mut(seq.saturating_sub(self.first_seq) as usize)
-        else {
-            return;
-        };
-        self.used -= e.tokens;
+        let old = e.tokens;
         match tokens {
             Some(t) => {
                 e.tokens = t;
-                self.used += t;
+                self.used = self.used - old + t;
             }
             None => {
                 e.tokens = 0;
                 e.live = false;
+                self.used -= old;
                 self.count -= 1;
-                self.ids.remove(id);
             }
         }
     }
@@ -187,7 +204,7 @@ impl Limiter {
         tokens: u64,
         limits: WindowLimits,
         now: i64,
-    ) -> Result<WindowState, LimitError> {
+    ) -> Result<Admission, LimitError> {
         let tokens = tokens.min(limits.tpm);
         match self {
             Limiter::Local(map) => {
@@ -201,10 +218,11 @@ impl Limiter {
                 };
                 window.prune(now);
                 let state = window.state(tokens, limits, now);
-                if state.exceeded.is_none() {
-                    window.push(now, request_id, tokens);
-                }
-                Ok(state)
+                let recorded = state
+                    .exceeded
+                    .is_none()
+                    .then(|| Recorded::Local(window.push(now, tokens)));
+                Ok(Admission { state, recorded })
             }
             Limiter::Redis(r) => {
                 let mut conn = r.conn.clone();
@@ -221,24 +239,30 @@ impl Limiter {
                     .await?;
                 // The script returns the window as it was before this
                 // request (and recorded it if it fits): decide the same way.
-                Ok(decide(&entries, tokens, limits, now))
+                let state = decide(&entries, tokens, limits, now);
+                let recorded = state.exceeded.is_none().then_some(Recorded::Shared);
+                Ok(Admission { state, recorded })
             }
         }
     }
 
     /// Replaces a recorded request's token estimate with its actual count,
-    /// or removes it (`None`: the request was not served).
+    /// or removes it (`None`: the request was not served). `recorded` is
+    /// what [`Limiter::admit`] returned for the request.
     pub async fn update(
         &self,
         key_id: &str,
         request_id: &str,
+        recorded: Recorded,
         tokens: Option<u64>,
     ) -> Result<(), LimitError> {
         match self {
             Limiter::Local(map) => {
-                let mut map = sluice_proto::sync::lock(map);
-                if let Some(window) = map.get_mut(key_id) {
-                    window.update(request_id, tokens);
+                if let Recorded::Local(seq) = recorded {
+                    let mut map = sluice_proto::sync::lock(map);
+                    if let Some(window) = map.get_mut(key_id) {
+                        window.update(seq, tokens);
+                    }
                 }
                 Ok(())
             }
@@ -430,37 +454,81 @@ mod tests {
     async fn local_window_counts_requests_and_tokens() {
         let l = Limiter::local();
         for i in 0..3 {
-            let s = l
+            let a = l
                 .admit("k", &format!("r{i}"), 10, L, 1_000 + i)
                 .await
                 .unwrap();
-            assert_eq!(s.exceeded, None);
-            assert_eq!(s.requests_remaining, 2 - i as u64);
+            assert_eq!(a.state.exceeded, None);
+            assert_eq!(a.recorded, Some(Recorded::Local(i as u64)));
+            assert_eq!(a.state.requests_remaining, 2 - i as u64);
             // Until the window is empty again; once full, until one fits.
             let expected = if i < 2 { 60_000 } else { 59_998 };
-            assert_eq!(s.requests_reset_ms, expected);
+            assert_eq!(a.state.requests_reset_ms, expected);
         }
-        let s = l.admit("k", "r3", 10, L, 2_000).await.unwrap();
-        assert_eq!(s.exceeded, Some(Exceeded::Requests));
-        assert_eq!(s.requests_reset_ms, 59_000);
+        let a = l.admit("k", "r3", 10, L, 2_000).await.unwrap();
+        assert_eq!(a.state.exceeded, Some(Exceeded::Requests));
+        assert_eq!(a.state.requests_reset_ms, 59_000);
+        assert_eq!(a.recorded, None);
         // The window slides.
-        let s = l.admit("k", "r4", 10, L, 61_001).await.unwrap();
-        assert_eq!(s.exceeded, None);
+        let a = l.admit("k", "r4", 10, L, 61_001).await.unwrap();
+        assert_eq!(a.state.exceeded, None);
         // Tokens: estimates are replaced by actual counts.
         let l = Limiter::local();
-        assert_eq!(l.admit("t", "a", 90, L, 0).await.unwrap().exceeded, None);
+        let first = l.admit("t", "a", 90, L, 0).await.unwrap();
+        assert_eq!(first.state.exceeded, None);
+        let a = first.recorded.unwrap();
         assert_eq!(
-            l.admit("t", "b", 20, L, 1).await.unwrap().exceeded,
+            l.admit("t", "b", 20, L, 1).await.unwrap().state.exceeded,
             Some(Exceeded::Tokens)
         );
-        l.update("t", "a", Some(40)).await.unwrap();
-        let s = l.admit("t", "b", 20, L, 2).await.unwrap();
-        assert_eq!(s.exceeded, None);
-        assert_eq!(s.tokens_remaining, 40);
-        l.update("t", "b", None).await.unwrap();
+        l.update("t", "a", a, Some(40)).await.unwrap();
+        let second = l.admit("t", "b", 20, L, 2).await.unwrap();
+        assert_eq!(second.state.exceeded, None);
+        assert_eq!(second.state.tokens_remaining, 40);
+        let b = second.recorded.unwrap();
+        l.update("t", "b", b, None).await.unwrap();
+        // Removing twice, or updating what was removed, changes nothing.
+        l.update("t", "b", b, None).await.unwrap();
+        l.update("t", "b", b, Some(50)).await.unwrap();
         assert_eq!(
-            l.admit("t", "c", 60, L, 3).await.unwrap().tokens_remaining,
+            l.admit("t", "c", 60, L, 3)
+                .await
+                .unwrap()
+                .state
+                .tokens_remaining,
             0
+        );
+    }
+
+    /// A removed entry taken off the back of the window leaves a gap in
+    /// the sequence numbers: later entries are still found, and the
+    /// removed one's number never comes back to reach a newer request.
+    #[tokio::test]
+    async fn sequence_numbers_survive_gaps_and_are_never_reused() {
+        let limits = WindowLimits {
+            rpm: 100,
+            tpm: 10_000,
+        };
+        let l = Limiter::local();
+        let admit = |id: &'static str, tokens, now| {
+            let l = &l;
+            async move { l.admit("k", id, tokens, limits, now).await.unwrap() }
+        };
+        let a = admit("a", 10, 0).await.recorded.unwrap();
+        let b = admit("b", 20, 1).await.recorded.unwrap();
+        l.update("k", "b", b, None).await.unwrap();
+        // The next admission prunes the dead `b` off the back.
+        let c = admit("c", 30, 2).await;
+        assert_eq!(c.state.tokens_remaining, 10_000 - 10 - 30);
+        let c = c.recorded.unwrap();
+        assert_ne!(c, b);
+        // `b`'s number reaches nothing, not `c`.
+        l.update("k", "b", b, Some(1_000)).await.unwrap();
+        l.update("k", "c", c, Some(5)).await.unwrap();
+        l.update("k", "a", a, Some(1)).await.unwrap();
+        assert_eq!(
+            admit("d", 0, 3).await.state.tokens_remaining,
+            10_000 - 1 - 5
         );
     }
 
@@ -476,11 +544,12 @@ mod tests {
         let l = Limiter::local();
         // (time, id, tokens) of recorded requests.
         let mut plain: Vec<(i64, String, u64)> = Vec::new();
+        // Every admitted request's record, removed ones included: updates
+        // may name any of them.
+        let mut admitted: Vec<(String, Recorded)> = Vec::new();
         let mut now = 0;
         for i in 0..5_000 {
             now += rng.gen_range(0..3_000);
-            // Admissions use fresh ids; updates name any earlier one.
-            let id = format!("r{}", rng.gen_range(0..i + 1));
             match rng.gen_range(0..4) {
                 0 | 1 => {
                     let id = format!("r{i}");
@@ -488,24 +557,29 @@ mod tests {
                     let got = l.admit("k", &id, tokens, limits, now).await.unwrap();
                     plain.retain(|(ts, _, _)| *ts > now - WINDOW_MS);
                     let entries: Vec<(i64, u64)> = plain.iter().map(|e| (e.0, e.2)).collect();
-                    assert_eq!(got, decide(&entries, tokens, limits, now), "step {i}");
-                    if got.exceeded.is_none() {
-                        plain.push((now, id, tokens));
+                    assert_eq!(got.state, decide(&entries, tokens, limits, now), "step {i}");
+                    assert_eq!(got.recorded.is_some(), got.state.exceeded.is_none());
+                    if let Some(r) = got.recorded {
+                        plain.push((now, id.clone(), tokens));
+                        admitted.push((id, r));
                     }
                 }
-                2 => {
+                2 if !admitted.is_empty() => {
+                    let (id, r) = admitted[rng.gen_range(0..admitted.len())].clone();
                     let t = rng.gen_range(0..300);
-                    l.update("k", &id, Some(t)).await.unwrap();
+                    l.update("k", &id, r, Some(t)).await.unwrap();
                     if let Some(e) = plain.iter_mut().find(|e| e.1 == id) {
                         e.2 = t;
                     }
                 }
-                _ => {
-                    l.update("k", &id, None).await.unwrap();
+                _ if !admitted.is_empty() => {
+                    let (id, r) = admitted[rng.gen_range(0..admitted.len())].clone();
+                    l.update("k", &id, r, None).await.unwrap();
                     if let Some(pos) = plain.iter().position(|e| e.1 == id) {
                         plain.remove(pos);
                     }
                 }
+                _ => {}
             }
         }
     }
@@ -543,6 +617,7 @@ mod tests {
             if l.admit(&key, &format!("r{i}"), 10, L, now + i)
                 .await
                 .unwrap()
+                .state
                 .exceeded
                 .is_none()
             {
@@ -550,11 +625,12 @@ mod tests {
             }
         }
         assert_eq!(admitted, 3);
-        a.update(&key, "r0", None).await.unwrap();
+        a.update(&key, "r0", Recorded::Shared, None).await.unwrap();
         assert!(b
             .admit(&key, "r9", 10, L, now + 10)
             .await
             .unwrap()
+            .state
             .exceeded
             .is_none());
     }
