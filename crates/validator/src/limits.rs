@@ -53,6 +53,9 @@ pub enum LimitError {
 /// its own (at 15,000 requests a second one key's window holds 900,000).
 #[derive(Default)]
 pub struct Window {
+    /// Tells this window from an earlier one of the same key that was
+    /// dropped while idle (numbered per limiter).
+    id: u64,
     /// Oldest first, in increasing `seq`; entries of removed requests stay
     /// (dead) until they reach either end.
     entries: VecDeque<Entry>,
@@ -73,8 +76,8 @@ struct Entry {
 /// Where [`Limiter::admit`] recorded a request, for [`Limiter::update`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recorded {
-    /// The entry's sequence number in this node's window of the key.
-    Local(u64),
+    /// The entry's window and sequence number on this node.
+    Local { window: u64, seq: u64 },
     /// In Redis, found by the request id.
     Shared,
 }
@@ -167,8 +170,16 @@ impl Window {
 }
 
 pub enum Limiter {
-    Local(Mutex<HashMap<String, Window>>),
+    Local(Mutex<Windows>),
     Redis(RedisLimiter),
+}
+
+/// This node's windows, by key id.
+#[derive(Default)]
+pub struct Windows {
+    by_key: HashMap<String, Window>,
+    /// Windows made so far: the next one's id.
+    made: u64,
 }
 
 pub struct RedisLimiter {
@@ -179,7 +190,7 @@ pub struct RedisLimiter {
 
 impl Limiter {
     pub fn local() -> Self {
-        Limiter::Local(Mutex::new(HashMap::new()))
+        Limiter::Local(Mutex::new(Windows::default()))
     }
 
     pub async fn redis(url: &str) -> Result<Self, LimitError> {
@@ -207,21 +218,28 @@ impl Limiter {
     ) -> Result<Admission, LimitError> {
         let tokens = tokens.min(limits.tpm);
         match self {
-            Limiter::Local(map) => {
-                let mut map = sluice_proto::sync::lock(map);
-                if map.len() > 100_000 {
-                    map.retain(|_, w| w.entries.back().is_some_and(|e| e.ts > now - WINDOW_MS));
+            Limiter::Local(windows) => {
+                let mut guard = sluice_proto::sync::lock(windows);
+                let Windows { by_key, made } = &mut *guard;
+                if by_key.len() > 100_000 {
+                    by_key.retain(|_, w| w.entries.back().is_some_and(|e| e.ts > now - WINDOW_MS));
                 }
-                let window = match map.get_mut(key_id) {
+                let window = match by_key.get_mut(key_id) {
                     Some(w) => w,
-                    None => map.entry(key_id.to_string()).or_default(),
+                    None => {
+                        *made += 1;
+                        by_key.entry(key_id.to_string()).or_insert(Window {
+                            id: *made,
+                            ..Window::default()
+                        })
+                    }
                 };
                 window.prune(now);
                 let state = window.state(tokens, limits, now);
-                let recorded = state
-                    .exceeded
-                    .is_none()
-                    .then(|| Recorded::Local(window.push(now, tokens)));
+                let recorded = state.exceeded.is_none().then(|| Recorded::Local {
+                    window: window.id,
+                    seq: window.push(now, tokens),
+                });
                 Ok(Admission { state, recorded })
             }
             Limiter::Redis(r) => {
@@ -257,11 +275,13 @@ impl Limiter {
         tokens: Option<u64>,
     ) -> Result<(), LimitError> {
         match self {
-            Limiter::Local(map) => {
-                if let Recorded::Local(seq) = recorded {
-                    let mut map = sluice_proto::sync::lock(map);
-                    if let Some(window) = map.get_mut(key_id) {
-                        window.update(seq, tokens);
+            Limiter::Local(windows) => {
+                if let Recorded::Local { window, seq } = recorded {
+                    let mut windows = sluice_proto::sync::lock(windows);
+                    if let Some(w) = windows.by_key.get_mut(key_id) {
+                        if w.id == window {
+                            w.update(seq, tokens);
+                        }
                     }
                 }
                 Ok(())
@@ -459,7 +479,13 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(a.state.exceeded, None);
-            assert_eq!(a.recorded, Some(Recorded::Local(i as u64)));
+            assert_eq!(
+                a.recorded,
+                Some(Recorded::Local {
+                    window: 1,
+                    seq: i as u64
+                })
+            );
             assert_eq!(a.state.requests_remaining, 2 - i as u64);
             // Until the window is empty again; once full, until one fits.
             let expected = if i < 2 { 60_000 } else { 59_998 };
@@ -530,6 +556,41 @@ mod tests {
             admit("d", 0, 3).await.state.tokens_remaining,
             10_000 - 1 - 5
         );
+    }
+
+    /// A key's window dropped while idle (past 100,000 keys) and made
+    /// again numbers its entries afresh: a request admitted into the old
+    /// one cannot move the new one's entries when it settles.
+    #[tokio::test]
+    async fn a_window_made_again_ignores_the_old_ones_records() {
+        let limits = WindowLimits {
+            rpm: 100,
+            tpm: 10_000,
+        };
+        let l = Limiter::local();
+        let old = l
+            .admit("k", "a", 10, limits, 0)
+            .await
+            .unwrap()
+            .recorded
+            .unwrap();
+        for i in 0..100_001 {
+            l.admit(&format!("other-{i}"), "x", 1, limits, 1)
+                .await
+                .unwrap();
+        }
+        // A minute later `k` is idle: the next admission drops its window.
+        let now = WINDOW_MS + 5;
+        l.admit("other", "y", 1, limits, now).await.unwrap();
+        let new = l.admit("k", "b", 10, limits, now).await.unwrap();
+        assert_eq!(new.state.tokens_remaining, 10_000 - 10);
+        assert_ne!(new.recorded.unwrap(), old);
+        // The long request that was admitted first settles now.
+        l.update("k", "a", old, None).await.unwrap();
+        l.update("k", "a", old, Some(5_000)).await.unwrap();
+        let after = l.admit("k", "c", 10, limits, now + 1).await.unwrap();
+        assert_eq!(after.state.tokens_remaining, 10_000 - 20);
+        assert_eq!(after.state.requests_remaining, 100 - 2);
     }
 
     /// The O(1) window agrees with `decide` over a plain list of entries.
