@@ -244,20 +244,23 @@ impl Limiter {
             }
             Limiter::Redis(r) => {
                 let mut conn = r.conn.clone();
-                let entries: Vec<(i64, u64)> = r
+                let (zset, tokens_key) = redis_keys(key_id);
+                let reply: Vec<i64> = r
                     .admit
-                    .key(format!("sluice:rl:{key_id}"))
+                    .key(zset)
+                    .key(tokens_key)
                     .arg(now)
                     .arg(WINDOW_MS)
                     .arg(limits.rpm)
                     .arg(limits.tpm)
                     .arg(tokens)
                     .arg(request_id)
-                    .invoke_async::<Vec<(i64, u64)>>(&mut conn)
+                    .invoke_async(&mut conn)
                     .await?;
-                // The script returns the window as it was before this
-                // request (and recorded it if it fits): decide the same way.
-                let state = decide(&entries, tokens, limits, now);
+                // The script returns the window's totals as they were
+                // before this request (and recorded it if it fits): decide
+                // the same way.
+                let state = decide_reply(&reply, tokens, limits, now);
                 let recorded = state.exceeded.is_none().then_some(Recorded::Shared);
                 Ok(Admission { state, recorded })
             }
@@ -288,9 +291,11 @@ impl Limiter {
             }
             Limiter::Redis(r) => {
                 let mut conn = r.conn.clone();
+                let (zset, tokens_key) = redis_keys(key_id);
                 let _: i64 = r
                     .update
-                    .key(format!("sluice:rl:{key_id}"))
+                    .key(zset)
+                    .key(tokens_key)
                     .arg(request_id)
                     .arg(tokens.map_or(-1, |t| t as i64))
                     .invoke_async(&mut conn)
@@ -299,6 +304,40 @@ impl Limiter {
             }
         }
     }
+}
+
+/// A key's window in Redis: a sorted set of request ids by admission time,
+/// and a hash of each id's tokens plus the running total (`#used`). The
+/// braces keep both in one slot of a Redis Cluster.
+fn redis_keys(key_id: &str) -> (String, String) {
+    (
+        format!("sluice:rl2:{{{key_id}}}"),
+        format!("sluice:rl2:{{{key_id}}}:tokens"),
+    )
+}
+
+/// The admission decision from [`ADMIT_LUA`]'s reply: count, tokens used,
+/// oldest and newest time (-1: empty), then (time, tokens) pairs oldest
+/// first, present only when the tokens asked for do not fit.
+fn decide_reply(reply: &[i64], tokens: u64, limits: WindowLimits, now: i64) -> WindowState {
+    let at = |i: usize| reply.get(i).copied().unwrap_or(-1);
+    let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+    let time = |v: i64| (v >= 0).then_some(v);
+    let entries = reply
+        .get(4..)
+        .unwrap_or_default()
+        .chunks_exact(2)
+        .map(|p| (p[0], unsigned(p[1])));
+    decide_totals(
+        unsigned(at(0)),
+        unsigned(at(1)),
+        time(at(2)),
+        time(at(3)),
+        entries,
+        tokens,
+        limits,
+        now,
+    )
 }
 
 /// The admission decision over a window's (time, tokens) entries.
@@ -380,51 +419,83 @@ fn decide_totals(
     }
 }
 
-/// Prunes the window, returns it (as it was before this request) as
-/// {score, tokens} pairs, and records the request if it fits.
+/// Prunes the window (subtracting what leaves from the running total),
+/// returns its totals as they were before this request, and records the
+/// request if it fits. Work per call is O(log n) plus what leaves the
+/// window; the entries themselves are returned only when the tokens asked
+/// for do not fit (to tell when enough will have left). KEYS: the sorted
+/// set, the tokens hash. ARGV: now, window, rpm, tpm, tokens, request id.
 const ADMIT_LUA: &str = r#"
-local key = KEYS[1]
+local z, t = KEYS[1], KEYS[2]
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local rpm = tonumber(ARGV[3])
 local tpm = tonumber(ARGV[4])
 local tokens = tonumber(ARGV[5])
 local id = ARGV[6]
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-local raw = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-local out = {}
-local count = 0
-local used = 0
-for i = 1, #raw, 2 do
-  local t = tonumber(string.match(raw[i], '|(%d+)$')) or 0
-  count = count + 1
-  used = used + t
-  out[#out + 1] = {tonumber(raw[i + 1]), t}
+local cutoff = now - window
+local old = redis.call('ZRANGEBYSCORE', z, '-inf', cutoff)
+if #old > 0 then
+  local freed = 0
+  for i = 1, #old, 500 do
+    local part = {}
+    for j = i, math.min(i + 499, #old) do part[#part + 1] = old[j] end
+    local tk = redis.call('HMGET', t, unpack(part))
+    for j = 1, #tk do freed = freed + (tonumber(tk[j]) or 0) end
+    redis.call('HDEL', t, unpack(part))
+  end
+  redis.call('ZREMRANGEBYSCORE', z, '-inf', cutoff)
+  redis.call('HINCRBY', t, '#used', -freed)
+end
+local count = redis.call('ZCARD', z)
+local used = tonumber(redis.call('HGET', t, '#used')) or 0
+local out = {count, used, -1, -1}
+if count > 0 then
+  out[3] = tonumber(redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')[2])
+  out[4] = tonumber(redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')[2])
+end
+if used + tokens > tpm then
+  local all = redis.call('ZRANGE', z, 0, -1, 'WITHSCORES')
+  for i = 1, #all, 1000 do
+    local part = {}
+    for j = i, math.min(i + 999, #all), 2 do part[#part + 1] = all[j] end
+    local tk = redis.call('HMGET', t, unpack(part))
+    for j = 1, #part do
+      out[#out + 1] = tonumber(all[i + 2 * (j - 1) + 1])
+      out[#out + 1] = tonumber(tk[j]) or 0
+    end
+  end
 end
 if count + 1 <= rpm and used + tokens <= tpm then
-  redis.call('ZADD', key, now, id .. '|' .. tokens)
-  redis.call('PEXPIRE', key, window * 2)
+  redis.call('ZADD', z, now, id)
+  redis.call('HSET', t, id, tokens)
+  redis.call('HINCRBY', t, '#used', tokens)
+  redis.call('PEXPIRE', z, window * 2)
+  redis.call('PEXPIRE', t, window * 2)
 end
 return out
 "#;
 
-/// Rewrites (ARGV[2] >= 0) or removes (ARGV[2] = -1) a request's entry.
+/// Rewrites (ARGV[2] >= 0) or removes (ARGV[2] = -1) a request's entry and
+/// moves the running total with it; a request no longer in the window is
+/// left alone. KEYS: the sorted set, the tokens hash.
 const UPDATE_LUA: &str = r#"
-local key = KEYS[1]
+local z, t = KEYS[1], KEYS[2]
 local id = ARGV[1]
 local tokens = tonumber(ARGV[2])
-local raw = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-for i = 1, #raw, 2 do
-  local member = raw[i]
-  if string.sub(member, 1, #id + 1) == id .. '|' then
-    redis.call('ZREM', key, member)
-    if tokens >= 0 then
-      redis.call('ZADD', key, raw[i + 1], id .. '|' .. tokens)
-    end
-    return 1
-  end
+local old = tonumber(redis.call('HGET', t, id))
+if not old then
+  return 0
 end
-return 0
+if tokens >= 0 then
+  redis.call('HSET', t, id, tokens)
+  redis.call('HINCRBY', t, '#used', tokens - old)
+else
+  redis.call('ZREM', z, id)
+  redis.call('HDEL', t, id)
+  redis.call('HINCRBY', t, '#used', -old)
+end
+return 1
 "#;
 
 /// OpenAI-style duration for reset headers: `1s`, `6m0s`, `1h2m3s`, `250ms`.
@@ -660,6 +731,62 @@ mod tests {
         assert_eq!(reset_string(3_723_000), "1h2m3s");
         assert_eq!(reset_string(3_600_000), "1h0m0s");
         assert_eq!(reset_string(-5), "0ms");
+    }
+
+    /// The Redis window's running totals agree with `decide` over a plain
+    /// list of entries, through admissions, updates, removals and pruning.
+    #[tokio::test]
+    async fn redis_running_totals_match_the_plain_window() {
+        use rand::{Rng, SeedableRng};
+        let Ok(url) = std::env::var("SLUICE_TEST_REDIS_URL") else {
+            eprintln!("skipped: SLUICE_TEST_REDIS_URL is not set");
+            return;
+        };
+        let l = Limiter::redis(&url).await.unwrap();
+        let key = format!("props-{}-{}", sluice_store::now_ms(), std::process::id());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let limits = WindowLimits {
+            rpm: 40,
+            tpm: 2_000,
+        };
+        let mut plain: Vec<(i64, String, u64)> = Vec::new();
+        let mut admitted: Vec<String> = Vec::new();
+        let mut now = 1_000_000;
+        for i in 0..2_000 {
+            now += rng.gen_range(0..3_000);
+            match rng.gen_range(0..4) {
+                0 | 1 => {
+                    let id = format!("r{i}");
+                    let tokens = rng.gen_range(1..200);
+                    let got = l.admit(&key, &id, tokens, limits, now).await.unwrap();
+                    plain.retain(|(ts, _, _)| *ts > now - WINDOW_MS);
+                    let entries: Vec<(i64, u64)> = plain.iter().map(|e| (e.0, e.2)).collect();
+                    assert_eq!(got.state, decide(&entries, tokens, limits, now), "step {i}");
+                    if got.recorded.is_some() {
+                        plain.push((now, id.clone(), tokens));
+                        admitted.push(id);
+                    }
+                }
+                2 if !admitted.is_empty() => {
+                    let id = admitted[rng.gen_range(0..admitted.len())].clone();
+                    let t = rng.gen_range(0..300);
+                    l.update(&key, &id, Recorded::Shared, Some(t))
+                        .await
+                        .unwrap();
+                    if let Some(e) = plain.iter_mut().find(|e| e.1 == id) {
+                        e.2 = t;
+                    }
+                }
+                _ if !admitted.is_empty() => {
+                    let id = admitted[rng.gen_range(0..admitted.len())].clone();
+                    l.update(&key, &id, Recorded::Shared, None).await.unwrap();
+                    if let Some(pos) = plain.iter().position(|e| e.1 == id) {
+                        plain.remove(pos);
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 
     #[tokio::test]
