@@ -467,9 +467,11 @@ if used + tokens > tpm then
   end
 end
 if count + 1 <= rpm and used + tokens <= tpm then
+  -- An id admitted twice counts once, with its latest tokens.
+  local prev = tonumber(redis.call('HGET', t, id)) or 0
   redis.call('ZADD', z, now, id)
   redis.call('HSET', t, id, tokens)
-  redis.call('HINCRBY', t, '#used', tokens)
+  redis.call('HINCRBY', t, '#used', tokens - prev)
   redis.call('PEXPIRE', z, window * 2)
   redis.call('PEXPIRE', t, window * 2)
 end
