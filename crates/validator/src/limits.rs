@@ -666,29 +666,29 @@ mod tests {
         assert_eq!(after.state.requests_remaining, 100 - 2);
     }
 
-    /// The O(1) window agrees with `decide` over a plain list of entries.
-    #[tokio::test]
-    async fn running_totals_match_the_plain_window() {
+    /// Drives `l` through random admissions, updates and removals of
+    /// `key` and checks every decision against `decide` over a plain list
+    /// of entries.
+    async fn matches_the_plain_window(l: &Limiter, key: &str, steps: usize, seed: u64) {
         use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let limits = WindowLimits {
             rpm: 40,
             tpm: 2_000,
         };
-        let l = Limiter::local();
         // (time, id, tokens) of recorded requests.
         let mut plain: Vec<(i64, String, u64)> = Vec::new();
         // Every admitted request's record, removed ones included: updates
         // may name any of them.
         let mut admitted: Vec<(String, Recorded)> = Vec::new();
-        let mut now = 0;
-        for i in 0..5_000 {
+        let mut now = 1_000_000;
+        for i in 0..steps {
             now += rng.gen_range(0..3_000);
             match rng.gen_range(0..4) {
                 0 | 1 => {
                     let id = format!("r{i}");
                     let tokens = rng.gen_range(1..200);
-                    let got = l.admit("k", &id, tokens, limits, now).await.unwrap();
+                    let got = l.admit(key, &id, tokens, limits, now).await.unwrap();
                     plain.retain(|(ts, _, _)| *ts > now - WINDOW_MS);
                     let entries: Vec<(i64, u64)> = plain.iter().map(|e| (e.0, e.2)).collect();
                     assert_eq!(got.state, decide(&entries, tokens, limits, now), "step {i}");
@@ -701,14 +701,14 @@ mod tests {
                 2 if !admitted.is_empty() => {
                     let (id, r) = admitted[rng.gen_range(0..admitted.len())].clone();
                     let t = rng.gen_range(0..300);
-                    l.update("k", &id, r, Some(t)).await.unwrap();
+                    l.update(key, &id, r, Some(t)).await.unwrap();
                     if let Some(e) = plain.iter_mut().find(|e| e.1 == id) {
                         e.2 = t;
                     }
                 }
                 _ if !admitted.is_empty() => {
                     let (id, r) = admitted[rng.gen_range(0..admitted.len())].clone();
-                    l.update("k", &id, r, None).await.unwrap();
+                    l.update(key, &id, r, None).await.unwrap();
                     if let Some(pos) = plain.iter().position(|e| e.1 == id) {
                         plain.remove(pos);
                     }
@@ -716,6 +716,12 @@ mod tests {
                 _ => {}
             }
         }
+    }
+
+    /// The O(1) window agrees with `decide` over a plain list of entries.
+    #[tokio::test]
+    async fn running_totals_match_the_plain_window() {
+        matches_the_plain_window(&Limiter::local(), "k", 5_000, 7).await;
     }
 
     #[test]
@@ -739,56 +745,13 @@ mod tests {
     /// list of entries, through admissions, updates, removals and pruning.
     #[tokio::test]
     async fn redis_running_totals_match_the_plain_window() {
-        use rand::{Rng, SeedableRng};
         let Ok(url) = std::env::var("SLUICE_TEST_REDIS_URL") else {
             eprintln!("skipped: SLUICE_TEST_REDIS_URL is not set");
             return;
         };
         let l = Limiter::redis(&url).await.unwrap();
         let key = format!("props-{}-{}", sluice_store::now_ms(), std::process::id());
-        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        let limits = WindowLimits {
-            rpm: 40,
-            tpm: 2_000,
-        };
-        let mut plain: Vec<(i64, String, u64)> = Vec::new();
-        let mut admitted: Vec<String> = Vec::new();
-        let mut now = 1_000_000;
-        for i in 0..2_000 {
-            now += rng.gen_range(0..3_000);
-            match rng.gen_range(0..4) {
-                0 | 1 => {
-                    let id = format!("r{i}");
-                    let tokens = rng.gen_range(1..200);
-                    let got = l.admit(&key, &id, tokens, limits, now).await.unwrap();
-                    plain.retain(|(ts, _, _)| *ts > now - WINDOW_MS);
-                    let entries: Vec<(i64, u64)> = plain.iter().map(|e| (e.0, e.2)).collect();
-                    assert_eq!(got.state, decide(&entries, tokens, limits, now), "step {i}");
-                    if got.recorded.is_some() {
-                        plain.push((now, id.clone(), tokens));
-                        admitted.push(id);
-                    }
-                }
-                2 if !admitted.is_empty() => {
-                    let id = admitted[rng.gen_range(0..admitted.len())].clone();
-                    let t = rng.gen_range(0..300);
-                    l.update(&key, &id, Recorded::Shared, Some(t))
-                        .await
-                        .unwrap();
-                    if let Some(e) = plain.iter_mut().find(|e| e.1 == id) {
-                        e.2 = t;
-                    }
-                }
-                _ if !admitted.is_empty() => {
-                    let id = admitted[rng.gen_range(0..admitted.len())].clone();
-                    l.update(&key, &id, Recorded::Shared, None).await.unwrap();
-                    if let Some(pos) = plain.iter().position(|e| e.1 == id) {
-                        plain.remove(pos);
-                    }
-                }
-                _ => {}
-            }
-        }
+        matches_the_plain_window(&l, &key, 2_000, 11).await;
     }
 
     #[tokio::test]
