@@ -294,17 +294,24 @@ impl Conn {
         }
     }
 
-    /// One request and its whole answer. An error leaves the connection
-    /// unusable: the caller drops it.
-    async fn one(&mut self, target: &Prepared) -> Outcome {
-        let start = Instant::now();
-        match self.exchange(target, start).await {
-            Ok(outcome) => outcome,
-            Err(e) => Outcome::Err(e),
+    /// Waits until a CRLF-terminated line has arrived; its length.
+    async fn line(&mut self) -> Result<usize, String> {
+        loop {
+            if let Some(pos) = crlf(&self.buf) {
+                return Ok(pos);
+            }
+            self.fill().await?;
         }
     }
 
-    async fn exchange(&mut self, target: &Prepared, start: Instant) -> Result<Outcome, String> {
+    /// One request and its whole answer. An error leaves the connection
+    /// unusable: the caller drops it.
+    async fn one(&mut self, target: &Prepared) -> Outcome {
+        self.exchange(target).await.unwrap_or_else(Outcome::Err)
+    }
+
+    async fn exchange(&mut self, target: &Prepared) -> Result<Outcome, String> {
+        let start = Instant::now();
         self.buf.clear();
         self.stream
             .write_all(&target.request)
@@ -365,23 +372,13 @@ impl Conn {
                 }
             },
             Framing::Chunked => loop {
-                let line = loop {
-                    if let Some(pos) = crlf(&self.buf) {
-                        break pos;
-                    }
-                    self.fill().await?;
-                };
+                let line = self.line().await?;
                 let size = chunk_size(&self.buf[..line])?;
                 if size == 0 {
                     self.buf.advance(line + 2);
                     // Trailers, if any, then the blank line.
                     loop {
-                        let pos = loop {
-                            if let Some(pos) = crlf(&self.buf) {
-                                break pos;
-                            }
-                            self.fill().await?;
-                        };
+                        let pos = self.line().await?;
                         self.buf.advance(pos + 2);
                         if pos == 0 {
                             return Ok(());
