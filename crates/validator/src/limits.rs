@@ -340,19 +340,6 @@ fn decide_reply(reply: &[i64], tokens: u64, limits: WindowLimits, now: i64) -> W
     )
 }
 
-/// The admission decision over a window's (time, tokens) entries.
-pub fn decide(entries: &[(i64, u64)], tokens: u64, limits: WindowLimits, now: i64) -> WindowState {
-    let live = entries
-        .iter()
-        .copied()
-        .filter(|(ts, _)| *ts > now - WINDOW_MS);
-    let count = live.clone().count() as u64;
-    let used: u64 = live.clone().map(|(_, t)| t).sum();
-    let oldest = live.clone().next().map(|(ts, _)| ts);
-    let newest = live.clone().next_back().map(|(ts, _)| ts);
-    decide_totals(count, used, oldest, newest, live, tokens, limits, now)
-}
-
 /// The admission decision from a window's totals: `count` live entries
 /// holding `used` tokens, the oldest and newest entry times, and the live
 /// entries oldest first (walked only to find when enough tokens leave).
@@ -542,6 +529,21 @@ mod tests {
     use super::*;
 
     const L: WindowLimits = WindowLimits { rpm: 3, tpm: 100 };
+
+    /// The admission decision over a plain list of a window's (time,
+    /// tokens) entries: the reference the running totals are checked
+    /// against.
+    fn decide(entries: &[(i64, u64)], tokens: u64, limits: WindowLimits, now: i64) -> WindowState {
+        let live = entries
+            .iter()
+            .copied()
+            .filter(|(ts, _)| *ts > now - WINDOW_MS);
+        let count = live.clone().count() as u64;
+        let used: u64 = live.clone().map(|(_, t)| t).sum();
+        let oldest = live.clone().next().map(|(ts, _)| ts);
+        let newest = live.clone().next_back().map(|(ts, _)| ts);
+        decide_totals(count, used, oldest, newest, live, tokens, limits, now)
+    }
 
     #[tokio::test]
     async fn local_window_counts_requests_and_tokens() {
