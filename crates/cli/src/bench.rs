@@ -83,6 +83,30 @@ pub fn cache_dir() -> PathBuf {
 }
 
 /// A progress line on stderr (stdout carries the report).
+/// The machine line printed above a benchmark's table: CPU, logical CPUs,
+/// hypervisor, idle polling, and the median wake-up round trip between two
+/// threads (what latency at concurrency 1 is mostly made of).
+pub async fn machine_line(smoke: bool) -> String {
+    let (rounds, budget) = if smoke {
+        (400, Duration::from_millis(300))
+    } else {
+        (20_000, Duration::from_secs(2))
+    };
+    tokio::task::spawn_blocking(move || {
+        let m = sluice_bench::machine::Machine::read();
+        let trip = match sluice_bench::machine::wake_round_trip(rounds, budget) {
+            Ok(t) => format!("{:.1} µs", t.as_secs_f64() * 1e6),
+            Err(e) => format!("na ({e})"),
+        };
+        format!(
+            "{}; wake-up round trip between two threads {trip}",
+            m.describe()
+        )
+    })
+    .await
+    .unwrap_or_else(|e| format!("na ({e})"))
+}
+
 pub fn progress(line: &str) {
     eprintln!("[bench] {line}");
 }

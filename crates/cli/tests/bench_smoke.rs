@@ -104,6 +104,21 @@ fn bench_gateway_smoke_prints_its_summary_line() {
     assert_ne!(value(&pairs, "sluice_p99_added_ms"), "na", "{out}");
     assert_ne!(value(&pairs, "sluice_cpu_us_per_req"), "na", "{out}");
     assert!(out.contains("latency c=1 p50 (ms)"), "{out}");
+    assert_machine_line(&out);
+}
+
+/// Both benchmarks say what they ran on, with a measured wake-up round trip.
+fn assert_machine_line(out: &str) {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("machine: "))
+        .unwrap_or_else(|| panic!("no machine line in:\n{out}"));
+    assert!(line.contains("logical CPUs"), "{line}");
+    assert!(
+        line.contains("wake-up round trip between two threads"),
+        "{line}"
+    );
+    assert!(line.trim_end().ends_with(" µs"), "{line}");
 }
 
 #[test]
@@ -123,6 +138,7 @@ fn bench_engine_smoke_prints_its_summary_line() {
     );
     assert_ne!(value(&pairs, "sluice_tok_s"), "na", "{out}");
     assert_ne!(value(&pairs, "sluice_agg8_tok_s"), "na", "{out}");
+    assert_machine_line(&out);
 }
 
 #[test]

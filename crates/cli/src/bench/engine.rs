@@ -346,6 +346,8 @@ pub async fn run(args: EngineArgs) -> Result<()> {
             .await??
         }
     };
+    let machine = super::machine_line(args.smoke).await;
+    progress(&machine);
     progress(&format!(
         "model {}, {threads} threads, {SLOTS} slots x {CONTEXT_PER_SLOT} context, greedy, {max_tokens} tokens, {runs} run(s); instruction set: {}",
         model.display(),
@@ -456,6 +458,7 @@ pub async fn run(args: EngineArgs) -> Result<()> {
         "bench engine: {runs} run(s), medians; {threads} threads; {} ; greedy, max {max_tokens} tokens; prompt cache off",
         isa_description()
     );
+    println!("machine: {machine}");
     println!(
         "{:<18}{:>12}{:>14}{:>12}{:>16}{:>16}",
         "engine",

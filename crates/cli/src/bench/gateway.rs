@@ -19,7 +19,7 @@ use sluice_validator::ValidatorConfig;
 use tokio_util::sync::CancellationToken;
 
 use super::peers::{LiteLlm, LITELLM_VERSION};
-use super::{free_port, num, progress, ratio, wait_http_ok, ChildProc};
+use super::{free_port, machine_line, num, progress, ratio, wait_http_ok, ChildProc};
 
 /// The model name every target serves.
 const MODEL: &str = "mock-model";
@@ -398,6 +398,8 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         plan.runs,
         work.path().display()
     ));
+    let machine = machine_line(args.smoke).await;
+    progress(&machine);
 
     let mut mock = spawn_self(
         &[
@@ -527,6 +529,7 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         "bench gateway: {} run(s), medians; {cores} cores, loopback; upstream = zero-delay mock (own process); load generator = this process",
         plan.runs
     );
+    println!("machine: {machine}");
     let names: Vec<String> = gateways.iter().map(|g| g.name.to_string()).collect();
     row("", &names);
     let per = |label: &str, f: &dyn Fn(usize) -> Option<f64>, decimals: usize| {
