@@ -8,7 +8,9 @@
 //! guest halt polling at 0 ns), every wake-up of a sleeping vCPU goes
 //! through the hypervisor, and the same build's p50 at concurrency 1 moved
 //! by 3x between machines. The figures below make tables from different
-//! machines comparable.
+//! machines comparable. The wake-up round trip is measured twice, with
+//! the two threads pinned to one CPU and to two: left to the scheduler the
+//! same machine gave 3.8 µs in one invocation and 73 µs in the next.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -103,43 +105,125 @@ fn read_trimmed(path: impl AsRef<Path>) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-/// Median time of one wake-up round trip between two threads (a byte
-/// each way through a pair of pipes, as `perf bench sched pipe` does),
-/// over `rounds` trips in batches, stopping early after `budget`. The
-/// threads go wherever the scheduler puts them, as the gateway's do.
-pub fn wake_round_trip(rounds: usize, budget: Duration) -> std::io::Result<Duration> {
+/// Where the two threads of a wake-up round trip run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Wherever the scheduler puts them (it may keep them on one CPU or
+    /// spread them, and the figure moves by 20x with its choice).
+    Anywhere,
+    /// Both pinned to this CPU: a wake-up never leaves the CPU.
+    SameCpu(usize),
+    /// One pinned to each: every wake-up reaches the other CPU, which may
+    /// be idle (halted) when it arrives.
+    TwoCpus(usize, usize),
+}
+
+/// The CPUs this process may run on, in order.
+pub fn allowed_cpus() -> Vec<usize> {
+    match rustix::thread::sched_getaffinity(None) {
+        Ok(set) => (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&c| set.is_set(c))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn pin(cpu: Option<usize>) -> std::io::Result<()> {
+    let Some(cpu) = cpu else {
+        return Ok(());
+    };
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set).map_err(std::io::Error::from)
+}
+
+/// Median time of one wake-up round trip between two new threads placed
+/// as `placement` says (a byte each way through a pair of pipes, as `perf
+/// bench sched pipe` does), over `rounds` trips in batches, stopping
+/// early after `budget`.
+pub fn wake_round_trip(
+    placement: Placement,
+    rounds: usize,
+    budget: Duration,
+) -> std::io::Result<Duration> {
+    let (pinger_cpu, echo_cpu) = match placement {
+        Placement::Anywhere => (None, None),
+        Placement::SameCpu(c) => (Some(c), Some(c)),
+        Placement::TwoCpus(a, b) => (Some(a), Some(b)),
+    };
     let (mut ping_rx, mut ping_tx) = std::io::pipe()?;
     let (mut pong_rx, mut pong_tx) = std::io::pipe()?;
     let echo = std::thread::Builder::new().name("wake-echo".into()).spawn(
         move || -> std::io::Result<()> {
+            pin(echo_cpu)?;
             let mut b = [0u8; 1];
             loop {
                 if ping_rx.read(&mut b)? == 0 {
-                    return Ok(()); // the writer closed: done
+                    return Ok(()); // the pinger closed its end: done
                 }
                 pong_tx.write_all(&b)?;
             }
         },
     )?;
-    const BATCH: usize = 200;
-    let mut per_batch = Vec::new();
-    let started = Instant::now();
-    let mut b = [0u8; 1];
-    let mut done = 0;
-    while done < rounds.max(1) && (per_batch.is_empty() || started.elapsed() < budget) {
-        let t = Instant::now();
-        for _ in 0..BATCH {
-            ping_tx.write_all(&[1])?;
-            pong_rx.read_exact(&mut b)?;
-        }
-        per_batch.push(t.elapsed() / BATCH as u32);
-        done += BATCH;
-    }
-    drop(ping_tx);
+    let pinger = std::thread::Builder::new().name("wake-ping".into()).spawn(
+        move || -> std::io::Result<Duration> {
+            // On failure the pipe closes and the echo thread ends.
+            pin(pinger_cpu)?;
+            const BATCH: usize = 200;
+            let mut per_batch = Vec::new();
+            let started = Instant::now();
+            let mut b = [0u8; 1];
+            let mut done = 0;
+            while done < rounds.max(1) && (per_batch.is_empty() || started.elapsed() < budget) {
+                let t = Instant::now();
+                for _ in 0..BATCH {
+                    ping_tx.write_all(&[1])?;
+                    pong_rx.read_exact(&mut b)?;
+                }
+                per_batch.push(t.elapsed() / BATCH as u32);
+                done += BATCH;
+            }
+            per_batch.sort();
+            Ok(per_batch[per_batch.len() / 2])
+        },
+    )?;
+    let trip = pinger
+        .join()
+        .map_err(|_| std::io::Error::other("the wake-up pinger panicked"))?;
     echo.join()
-        .map_err(|_| std::io::Error::other("the echo thread panicked"))??;
-    per_batch.sort();
-    Ok(per_batch[per_batch.len() / 2])
+        .map_err(|_| std::io::Error::other("the wake-up echo panicked"))??;
+    trip
+}
+
+/// The wake-up round trip on one CPU and across two (or where the
+/// scheduler puts the threads, if they cannot be pinned), for a header.
+pub fn describe_wake_ups(rounds: usize, budget: Duration) -> String {
+    let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
+    let cpus = allowed_cpus();
+    let pinned = match cpus.as_slice() {
+        [] => None,
+        [one] => wake_round_trip(Placement::SameCpu(*one), rounds, budget)
+            .ok()
+            .map(|same| format!("{} on one CPU", us(same))),
+        [a, b, ..] => wake_round_trip(Placement::SameCpu(*a), rounds, budget)
+            .and_then(|same| {
+                let across = wake_round_trip(Placement::TwoCpus(*a, *b), rounds, budget)?;
+                Ok(format!(
+                    "{} on one CPU, {} across two",
+                    us(same),
+                    us(across)
+                ))
+            })
+            .ok(),
+    };
+    let figure = match pinned {
+        Some(f) => f,
+        None => match wake_round_trip(Placement::Anywhere, rounds, budget) {
+            Ok(d) => format!("{} (threads not pinned)", us(d)),
+            Err(e) => format!("na ({e})"),
+        },
+    };
+    format!("wake-up round trip between two threads {figure}")
 }
 
 #[cfg(test)]
@@ -186,9 +270,25 @@ model name\t: Some Other CPU
     }
 
     #[test]
-    fn measures_a_wake_up_round_trip() {
-        let rt = wake_round_trip(400, Duration::from_secs(2)).unwrap();
-        assert!(rt > Duration::ZERO);
+    fn measures_wake_up_round_trips_where_asked() {
+        let budget = Duration::from_millis(300);
+        let cpus = allowed_cpus();
+        assert!(!cpus.is_empty(), "this process may run on no CPU?");
+        assert!(wake_round_trip(Placement::Anywhere, 400, budget).unwrap() > Duration::ZERO);
+        assert!(
+            wake_round_trip(Placement::SameCpu(cpus[0]), 400, budget).unwrap() > Duration::ZERO
+        );
+        if let [a, b, ..] = cpus[..] {
+            assert!(
+                wake_round_trip(Placement::TwoCpus(a, b), 400, budget).unwrap() > Duration::ZERO
+            );
+            assert!(describe_wake_ups(400, budget).ends_with("across two"));
+        }
+        // A CPU this process may not use: an error, not a hang.
+        let missing = (0..rustix::thread::CpuSet::MAX_CPU).find(|c| !cpus.contains(c));
+        if let Some(c) = missing {
+            assert!(wake_round_trip(Placement::SameCpu(c), 400, budget).is_err());
+        }
         // Reading this machine must not fail either.
         assert!(Machine::read().logical_cpus >= 1);
     }

@@ -87,20 +87,17 @@ pub fn cache_dir() -> PathBuf {
 /// hypervisor, idle polling, and the median wake-up round trip between two
 /// threads (what latency at concurrency 1 is mostly made of).
 pub async fn machine_line(smoke: bool) -> String {
+    use sluice_bench::machine::{describe_wake_ups, Machine};
     let (rounds, budget) = if smoke {
-        (400, Duration::from_millis(300))
+        (400, Duration::from_millis(200))
     } else {
-        (20_000, Duration::from_secs(2))
+        (20_000, Duration::from_secs(1))
     };
     tokio::task::spawn_blocking(move || {
-        let m = sluice_bench::machine::Machine::read();
-        let trip = match sluice_bench::machine::wake_round_trip(rounds, budget) {
-            Ok(t) => format!("{:.1} µs", t.as_secs_f64() * 1e6),
-            Err(e) => format!("na ({e})"),
-        };
         format!(
-            "{}; wake-up round trip between two threads {trip}",
-            m.describe()
+            "{}; {}",
+            Machine::read().describe(),
+            describe_wake_ups(rounds, budget)
         )
     })
     .await
