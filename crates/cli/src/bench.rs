@@ -82,7 +82,6 @@ pub fn cache_dir() -> PathBuf {
         })
 }
 
-/// A progress line on stderr (stdout carries the report).
 /// The machine line printed above a benchmark's table: CPU, logical CPUs,
 /// hypervisor, idle polling, and the median wake-up round trip between two
 /// threads (what latency at concurrency 1 is mostly made of).
@@ -104,6 +103,7 @@ pub async fn machine_line(smoke: bool) -> String {
     .unwrap_or_else(|e| format!("na ({e})"))
 }
 
+/// A progress line on stderr (stdout carries the report).
 pub fn progress(line: &str) {
     eprintln!("[bench] {line}");
 }
