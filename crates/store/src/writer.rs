@@ -39,7 +39,9 @@
 //! A failing operation undoes only itself (the batch is run again with a
 //! savepoint per operation when one fails). The queue is bounded: callers
 //! wait when it is full. Checkpoints of the write-ahead log run on a second
-//! thread so that the writer never waits on an fsync of the database file.
+//! thread so that the writer never waits on an fsync of the database file,
+//! except when the log has grown past [`WAL_LIMIT`]: then the writer copies
+//! the rest and truncates the log itself, between two batches.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -76,6 +78,22 @@ const YIELD_EVERY: usize = 2;
 const DELTAS_PER_STATEMENT: usize = 200;
 /// How often the checkpointer moves the log into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// A write-ahead log past this size is copied in full and truncated by the
+/// writer ([`bound_wal`]). Under steady load PASSIVE checkpoints never find
+/// the log fully copied (the writer has always appended since they began),
+/// so the log never restarts from its beginning: it grew by 17 MB a second
+/// at 12,500 requests a second, until the disk would be full.
+const WAL_LIMIT: u64 = 64 << 20;
+/// How long the writer's and the checkpointer's connections wait for a lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the writer looks at the log's size.
+const WAL_CHECK_EVERY: Duration = Duration::from_millis(250);
+/// How long that full copy may wait for readers of older snapshots before
+/// it gives up (the writer's queue fills meanwhile).
+const WAL_RESTART_WAIT: Duration = Duration::from_millis(100);
+/// After it gave up, how long until the next look: a long reader must not
+/// cost the writer [`WAL_RESTART_WAIT`] in every [`WAL_CHECK_EVERY`].
+const WAL_BUSY_BACKOFF: Duration = Duration::from_secs(2);
 
 pub(crate) enum Op {
     Reserve {
@@ -238,6 +256,12 @@ impl Writer {
     /// Opens the write connection and starts the writer and checkpointer
     /// threads. `None` for databases that are not a file.
     pub fn start(url: &str) -> Result<Option<Writer>> {
+        Writer::start_bounded(url, WAL_LIMIT)
+    }
+
+    /// [`Writer::start`] with the write-ahead log bounded at `wal_limit`
+    /// bytes.
+    fn start_bounded(url: &str, wal_limit: u64) -> Result<Option<Writer>> {
         let Some(path) = sqlite_path(url) else {
             return Ok(None);
         };
@@ -253,10 +277,11 @@ impl Writer {
             .name("sluice-checkpoint".into())
             .spawn(move || checkpointer(checkpoint_conn, stop_rx))
             .map_err(|e| StoreError::Invalid(format!("cannot start the checkpoint thread: {e}")))?;
+        let wal = wal_path(&path);
         std::thread::Builder::new()
             .name("sluice-ledger".into())
             .spawn(move || {
-                run(conn, rx, thread_fast);
+                run(conn, rx, thread_fast, (wal, wal_limit));
                 drop(stop_tx);
             })
             .map_err(|e| StoreError::Invalid(format!("cannot start the ledger writer: {e}")))?;
@@ -385,7 +410,7 @@ fn open(path: &Path) -> Result<Connection> {
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // Savepoint journals in memory, not in a temporary file per batch;
@@ -409,10 +434,23 @@ struct State<'c> {
     deadline: Option<Instant>,
     /// Commit as soon as the queue is drained.
     now: bool,
+    /// The write-ahead log's file and its limit, and when to look at its
+    /// size next.
+    wal: PathBuf,
+    wal_limit: u64,
+    wal_next_check: Instant,
 }
 
-fn run(conn: Connection, rx: flume::Receiver<Msg>, fast: Arc<Mutex<FastPath>>) {
+fn run(
+    conn: Connection,
+    rx: flume::Receiver<Msg>,
+    fast: Arc<Mutex<FastPath>>,
+    (wal, wal_limit): (PathBuf, u64),
+) {
     let mut st = State {
+        wal,
+        wal_limit,
+        wal_next_check: Instant::now() + WAL_CHECK_EVERY,
         db: Prepared::new(&conn),
         fast,
         batch: Vec::with_capacity(BATCH),
@@ -635,7 +673,73 @@ impl State<'_> {
                 }
             }
         }
+        let started = Instant::now();
+        if started >= self.wal_next_check {
+            let mut next = WAL_CHECK_EVERY;
+            match bound_wal(self.db.conn, &self.wal, self.wal_limit, WAL_RESTART_WAIT) {
+                Ok(WalBound::Under) => {}
+                Ok(WalBound::Truncated { from }) => tracing::debug!(
+                    bytes = from,
+                    ms = started.elapsed().as_millis() as u64,
+                    "write-ahead log copied in full and truncated"
+                ),
+                Ok(WalBound::Busy { size }) => {
+                    next = WAL_BUSY_BACKOFF;
+                    tracing::debug!(
+                        bytes = size,
+                        "write-ahead log over its limit, but a reader or a checkpoint was in the way"
+                    );
+                }
+                Err(e) => {
+                    next = WAL_BUSY_BACKOFF;
+                    tracing::warn!(error = %e, "could not truncate the write-ahead log");
+                }
+            }
+            self.wal_next_check = Instant::now() + next;
+        }
     }
+}
+
+/// The write-ahead log of the database at `db`.
+fn wal_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+/// What [`bound_wal`] did.
+#[derive(Debug, PartialEq)]
+enum WalBound {
+    /// The log is under the limit (or not there): nothing to do.
+    Under,
+    /// The log was copied in full and truncated; it held `from` bytes.
+    Truncated { from: u64 },
+    /// Over the limit, but a reader of an older snapshot or the
+    /// checkpointer's own checkpoint did not give way within the wait.
+    Busy { size: u64 },
+}
+
+/// When the log at `wal` holds more than `limit` bytes, copies all of it
+/// into the database and truncates it (`wal_checkpoint(TRUNCATE)`) on
+/// `conn`, waiting at most `wait` for readers. Run on the writer's own
+/// connection between batches, so no write is in the way.
+fn bound_wal(conn: &Connection, wal: &Path, limit: u64, wait: Duration) -> Result<WalBound> {
+    let size = match std::fs::metadata(wal) {
+        Ok(m) => m.len(),
+        Err(_) => return Ok(WalBound::Under),
+    };
+    if size <= limit {
+        return Ok(WalBound::Under);
+    }
+    conn.busy_timeout(wait)?;
+    let busy = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    });
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(match busy? {
+        0 => WalBound::Truncated { from: size },
+        _ => WalBound::Busy { size },
+    })
 }
 
 /// Logs what became of a detached settlement (see [`Writer::detach`]).
@@ -935,11 +1039,120 @@ fn checkpointer(conn: Connection, stop: std_mpsc::Receiver<()>) {
 
 #[cfg(test)]
 mod tests {
-    use super::{sqlite_path, Prepared};
+    use super::{bound_wal, sqlite_path, wal_path, Op, Prepared, Reply, WalBound, Writer};
     use crate::ledger::Settlement;
     use crate::sql::{self, OnError};
     use rusqlite::Connection;
     use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+
+    /// A log over the limit is copied into the database and truncated,
+    /// unless a reader still reads from it: then the writer is told so
+    /// within the wait and may try again later; nothing is lost either way.
+    #[test]
+    fn an_overgrown_log_is_truncated_once_no_reader_needs_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("ledger.db");
+        let conn = Connection::open(&db).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        conn.execute_batch("CREATE TABLE t (x BLOB)").unwrap();
+        for _ in 0..64 {
+            conn.execute("INSERT INTO t VALUES (zeroblob(8192))", [])
+                .unwrap();
+        }
+        let wal = wal_path(&db);
+        assert_eq!(wal, dir.path().join("ledger.db-wal"));
+        let size = std::fs::metadata(&wal).unwrap().len();
+        assert!(size > 512 * 1024, "the log holds {size} bytes");
+        let wait = Duration::from_millis(50);
+        assert_eq!(bound_wal(&conn, &wal, size, wait).unwrap(), WalBound::Under);
+
+        let reader = Connection::open(&db).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let seen: i64 = reader
+            .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(seen, 64);
+        let t = Instant::now();
+        assert_eq!(
+            bound_wal(&conn, &wal, 64 * 1024, wait).unwrap(),
+            WalBound::Busy { size }
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "it waited {:?}",
+            t.elapsed()
+        );
+        // The connection waits for locks as long as before.
+        let ms: i64 = conn
+            .query_row("PRAGMA busy_timeout", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ms, super::BUSY_TIMEOUT.as_millis() as i64);
+        reader.execute_batch("COMMIT").unwrap();
+
+        assert_eq!(
+            bound_wal(&conn, &wal, 64 * 1024, wait).unwrap(),
+            WalBound::Truncated { from: size }
+        );
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+        let after = Connection::open(&db).unwrap();
+        let rows: i64 = after
+            .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 64);
+        // Writing goes on into the truncated log.
+        conn.execute("INSERT INTO t VALUES (zeroblob(8))", [])
+            .unwrap();
+        assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+        // No log at all: nothing to do.
+        let gone = dir.path().join("none.db-wal");
+        assert_eq!(bound_wal(&conn, &gone, 0, wait).unwrap(), WalBound::Under);
+    }
+
+    /// The ledger writer itself keeps its log under the limit while it
+    /// commits, and loses nothing doing so.
+    #[tokio::test]
+    async fn the_writer_truncates_its_log_past_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
+        // The schema, by the store's own migrations.
+        crate::Store::open(&url).await.unwrap().close().await;
+        let writer = Writer::start_bounded(&url, 32 * 1024).unwrap().unwrap();
+        let wal = wal_path(&dir.path().join("s.db"));
+        let (mut largest, mut shrank, mut taken) = (0, false, 0);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !shrank || taken < 50 {
+            assert!(
+                Instant::now() < deadline,
+                "the log never shrank (largest {largest} bytes)"
+            );
+            let op = Op::TakeDaily {
+                key_id: format!("key-{taken}"),
+                day: "2026-11-28".into(),
+                limit: 5,
+            };
+            // Committed before the answer, as for a request.
+            assert!(matches!(
+                writer.call(op).await.unwrap(),
+                Reply::Daily(Some(1))
+            ));
+            taken += 1;
+            let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+            shrank |= size < largest;
+            largest = largest.max(size);
+        }
+        assert!(
+            largest > 32 * 1024,
+            "the log never passed the limit: {largest}"
+        );
+        drop(writer);
+        let conn = Connection::open(dir.path().join("s.db")).unwrap();
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM daily_counters", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, taken);
+    }
 
     fn entries_count(conn: &Connection) -> i64 {
         conn.query_row("SELECT COUNT(*) FROM ledger_entries", [], |r| r.get(0))
