@@ -281,7 +281,7 @@ impl Writer {
         std::thread::Builder::new()
             .name("sluice-ledger".into())
             .spawn(move || {
-                run(conn, rx, thread_fast, (wal, wal_limit));
+                run(conn, rx, thread_fast, wal, wal_limit);
                 drop(stop_tx);
             })
             .map_err(|e| StoreError::Invalid(format!("cannot start the ledger writer: {e}")))?;
@@ -445,7 +445,8 @@ fn run(
     conn: Connection,
     rx: flume::Receiver<Msg>,
     fast: Arc<Mutex<FastPath>>,
-    (wal, wal_limit): (PathBuf, u64),
+    wal: PathBuf,
+    wal_limit: u64,
 ) {
     let mut st = State {
         wal,
