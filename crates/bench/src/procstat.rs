@@ -1,6 +1,9 @@
 //! CPU time of processes from `/proc/<pid>/stat` (user + system, every
 //! thread), so a benchmark can charge each gateway exactly the CPU its own
-//! process tree burned, apart from the load generator's.
+//! process tree burned, apart from the load generator's; and the whole
+//! machine's idle share from `/proc/stat`, which tells whether a
+//! throughput figure was bound by the cores or by something that left
+//! them waiting.
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -83,6 +86,50 @@ pub fn tree_cpu_time_us(root: u32) -> Option<u64> {
     total.map(ticks_to_us)
 }
 
+/// The machine's CPU time counters (all CPUs together, clock ticks) from
+/// the first line of `/proc/stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineTicks {
+    /// Idle and waiting for I/O.
+    pub idle: u64,
+    /// Every state, idle included (guest time is already inside user).
+    pub total: u64,
+}
+
+impl MachineTicks {
+    /// Reads `/proc/stat`; `None` where there is none (not Linux).
+    pub fn now() -> Option<MachineTicks> {
+        parse_machine(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// The share of the cores' time spent idle between `self` and `later`,
+    /// in percent; `None` when no tick passed.
+    pub fn idle_pct_until(&self, later: &MachineTicks) -> Option<f64> {
+        let total = later.total.checked_sub(self.total)?;
+        let idle = later.idle.checked_sub(self.idle)?;
+        (total > 0).then(|| 100.0 * idle.min(total) as f64 / total as f64)
+    }
+}
+
+/// Parses the aggregate `cpu` line: user nice system idle iowait irq
+/// softirq steal [guest guest_nice] (guest time is counted in user too).
+fn parse_machine(stat: &str) -> Option<MachineTicks> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    if fields.len() < 5 {
+        return None;
+    }
+    Some(MachineTicks {
+        idle: fields[3] + fields[4],
+        total: fields.iter().sum(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +150,28 @@ mod tests {
         assert!(x != 1);
         assert!(cpu_time_us(me).is_some());
         assert!(tree_cpu_time_us(me).is_some());
+    }
+
+    #[test]
+    fn machine_line_counts_idle_and_iowait_as_idle() {
+        let stat = "cpu  100 5 20 300 10 0 15 2 7 0\ncpu0 50 2 10 150 5 0 7 1 3 0\nintr 1 2 3\n";
+        let t = parse_machine(stat).unwrap();
+        assert_eq!(t.idle, 310);
+        assert_eq!(t.total, 100 + 5 + 20 + 300 + 10 + 15 + 2);
+        let later = MachineTicks {
+            idle: t.idle + 25,
+            total: t.total + 100,
+        };
+        assert_eq!(t.idle_pct_until(&later), Some(25.0));
+        assert_eq!(t.idle_pct_until(&t), None, "no tick passed");
+        assert_eq!(later.idle_pct_until(&t), None, "counters never go back");
+        assert!(parse_machine("cpu  1 2 x 4 5\n").is_none());
+        assert!(parse_machine("intr 1\n").is_none());
+    }
+
+    #[test]
+    fn this_machine_has_idle_counters() {
+        let a = MachineTicks::now().expect("/proc/stat");
+        assert!(a.total >= a.idle);
     }
 }

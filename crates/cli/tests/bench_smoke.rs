@@ -104,6 +104,16 @@ fn bench_gateway_smoke_prints_its_summary_line() {
     assert_ne!(value(&pairs, "sluice_p99_added_ms"), "na", "{out}");
     assert_ne!(value(&pairs, "sluice_cpu_us_per_req"), "na", "{out}");
     assert!(out.contains("latency c=1 p50 (ms)"), "{out}");
+    let idle = out
+        .lines()
+        .find(|l| l.starts_with("cores idle, c="))
+        .unwrap_or_else(|| panic!("no idle row: {out}"));
+    assert!(
+        idle.split_whitespace()
+            .skip(4)
+            .all(|v| v == "na" || v.parse::<f64>().is_ok_and(|p| (0.0..=100.0).contains(&p))),
+        "{idle}"
+    );
     assert_machine_line(&out);
 }
 

@@ -265,6 +265,10 @@ struct Measured {
     cpu_us_per_req: Option<f64>,
     /// The load generator's own CPU per request (this process).
     loadgen_cpu_us_per_req: Option<f64>,
+    /// The share of the machine's cores left idle during the c=32 window
+    /// (percent): above a few, throughput was bound by something other
+    /// than the cores (a thread they waited on, where the scheduler put it).
+    idle_pct32: Option<f64>,
     ttft: Summary,
     /// (concurrency, requests/s, p99 µs) for every level tried.
     sweep: Vec<(usize, f64, u64)>,
@@ -304,9 +308,14 @@ async fn measure(gw: &Gateway, plan: &Plan) -> Measured {
     let me = std::process::id();
     let cpu_before = procstat::tree_cpu_time_us(gw.pid);
     let own_before = procstat::cpu_time_us(me);
+    let machine_before = procstat::MachineTicks::now();
     let r = load::run(&gw.plain, plan.c32).await;
+    let machine_after = procstat::MachineTicks::now();
     let cpu_after = procstat::tree_cpu_time_us(gw.pid);
     let own_after = procstat::cpu_time_us(me);
+    m.idle_pct32 = machine_before
+        .zip(machine_after)
+        .and_then(|(a, b)| a.idle_pct_until(&b));
     m.absorb(&r);
     m.c32 = Summary::of(&r.latencies_us);
     m.rps32 = r.rps();
@@ -600,6 +609,11 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         0,
     );
     per(
+        &format!("cores idle, c={c32} (%)"),
+        &|g| med(g, &|m| m.idle_pct32),
+        0,
+    );
+    per(
         "stream TTFT p50 (ms)",
         &|g| med(g, &|m| Some(ms(m.ttft.p50_us as f64))),
         3,
@@ -620,7 +634,7 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         0,
     );
     println!(
-        "(\"direct\" is the mock itself; its CPU row is the mock's own cost. Sluice = validator + miner in one process, each on a one-thread runtime of its own, two HTTP hops. Throughput and CPU share {cores} cores with the load generator.)"
+        "(\"direct\" is the mock itself; its CPU row is the mock's own cost. Sluice = validator + miner in one process, each on a one-thread runtime of its own, two HTTP hops. Throughput and CPU share {cores} cores with the load generator; \"cores idle\" is the share of all cores' time idle during the c={c32} window: well above zero, something other than the cores bound the throughput: a thread the others waited on, or threads the scheduler kept on one core.)"
     );
     for (g, gw) in gateways.iter().enumerate() {
         if let Some(e) = results[g].iter().find_map(|m| m.first_error.clone()) {
