@@ -86,6 +86,58 @@ pub fn tree_cpu_time_us(root: u32) -> Option<u64> {
     total.map(ticks_to_us)
 }
 
+/// CPU time of every thread of one process, microseconds, summed by
+/// thread name (`/proc/<pid>/task/*/comm`, at most 15 bytes; a pool of
+/// like-named workers is one entry). Threads that ended are missing.
+pub fn threads_cpu_time_us(pid: u32) -> Vec<(String, u64)> {
+    let mut by_name: Vec<(String, u64)> = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(Path::new("/proc").join(pid.to_string()).join("task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let (Ok(name), Some((_, ticks))) =
+            (std::fs::read_to_string(dir.join("comm")), read_stat(&dir))
+        else {
+            continue;
+        };
+        let name = name.trim_end().to_string();
+        match by_name.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, t)) => *t += ticks,
+            None => by_name.push((name, ticks)),
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(n, t)| (n, ticks_to_us(t)))
+        .collect()
+}
+
+/// Each thread name's CPU time between two [`threads_cpu_time_us`]
+/// readings, per request, costliest first (names absent from either
+/// reading are left out).
+pub fn threads_per_request(
+    before: &[(String, u64)],
+    after: &[(String, u64)],
+    requests: usize,
+) -> Vec<(String, f64)> {
+    if requests == 0 {
+        return Vec::new();
+    }
+    let mut per: Vec<(String, f64)> = after
+        .iter()
+        .filter_map(|(name, t1)| {
+            let (_, t0) = before.iter().find(|(n, _)| n == name)?;
+            Some((
+                name.clone(),
+                t1.saturating_sub(*t0) as f64 / requests as f64,
+            ))
+        })
+        .collect();
+    per.sort_by(|a, b| b.1.total_cmp(&a.1));
+    per
+}
+
 /// The machine's CPU time counters (all CPUs together, clock ticks) from
 /// the first line of `/proc/stat`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +219,44 @@ mod tests {
         assert_eq!(later.idle_pct_until(&t), None, "counters never go back");
         assert!(parse_machine("cpu  1 2 x 4 5\n").is_none());
         assert!(parse_machine("intr 1\n").is_none());
+    }
+
+    #[test]
+    fn per_thread_figures_are_per_request_and_costliest_first() {
+        let before = vec![("a".to_string(), 1_000), ("b".to_string(), 0)];
+        let after = vec![
+            ("a".to_string(), 3_000),
+            ("b".to_string(), 5_000),
+            ("new".to_string(), 9_000),
+        ];
+        assert_eq!(
+            threads_per_request(&before, &after, 100),
+            vec![("b".to_string(), 50.0), ("a".to_string(), 20.0)]
+        );
+        assert!(threads_per_request(&before, &after, 0).is_empty());
+    }
+
+    #[test]
+    fn this_process_threads_are_named() {
+        let me = std::process::id();
+        let (started, wait) = std::sync::mpsc::channel();
+        let (done, finish) = std::sync::mpsc::channel::<()>();
+        // A thread's name is set from inside it, once it runs.
+        let worker = std::thread::Builder::new()
+            .name("procstat-probe".into())
+            .spawn(move || {
+                started.send(()).unwrap();
+                let _ = finish.recv();
+            })
+            .unwrap();
+        wait.recv().unwrap();
+        let threads = threads_cpu_time_us(me);
+        done.send(()).unwrap();
+        worker.join().unwrap();
+        assert!(
+            threads.iter().any(|(n, _)| n == "procstat-probe"),
+            "{threads:?}"
+        );
     }
 
     #[test]

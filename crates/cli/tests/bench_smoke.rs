@@ -114,6 +114,12 @@ fn bench_gateway_smoke_prints_its_summary_line() {
             .all(|v| v == "na" || v.parse::<f64>().is_ok_and(|p| (0.0..=100.0).contains(&p))),
         "{idle}"
     );
+    // The gateway's CPU by thread (the smoke window is too short for
+    // every thread to show a clock tick, so the names are not checked).
+    assert!(
+        out.lines().any(|l| l.starts_with("sluice threads, c=")),
+        "no thread line: {out}"
+    );
     assert_machine_line(&out);
 }
 

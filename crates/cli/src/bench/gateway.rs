@@ -79,7 +79,7 @@ pub async fn serve_sluice(args: SluiceGatewayArgs) -> Result<()> {
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let stop = shutdown.clone();
-    let validator = own_runtime("sluice-validator", async move {
+    let validator = own_runtime("validator", async move {
         let validator = sluice_validator::start(vcfg, stop).await?;
         let store = &validator.state.store;
         let user = store.create_user("bench", "paid").await?;
@@ -111,7 +111,7 @@ pub async fn serve_sluice(args: SluiceGatewayArgs) -> Result<()> {
         },
     };
     let stop = shutdown.clone();
-    let miner = own_runtime("sluice-miner", async move {
+    let miner = own_runtime("miner", async move {
         let engine = sluice_miner::config::build_engine(&mcfg.engine, None)?;
         let miner = sluice_miner::start(mcfg, engine, stop).await?;
         miner.handle.await.context("miner task")??;
@@ -269,6 +269,8 @@ struct Measured {
     /// (percent): above a few, throughput was bound by something other
     /// than the cores (a thread they waited on, where the scheduler put it).
     idle_pct32: Option<f64>,
+    /// The gateway's own threads at c=32: CPU per request by thread name.
+    threads32: Vec<(String, f64)>,
     ttft: Summary,
     /// (concurrency, requests/s, p99 µs) for every level tried.
     sweep: Vec<(usize, f64, u64)>,
@@ -308,9 +310,11 @@ async fn measure(gw: &Gateway, plan: &Plan) -> Measured {
     let me = std::process::id();
     let cpu_before = procstat::tree_cpu_time_us(gw.pid);
     let own_before = procstat::cpu_time_us(me);
+    let threads_before = procstat::threads_cpu_time_us(gw.pid);
     let machine_before = procstat::MachineTicks::now();
     let r = load::run(&gw.plain, plan.c32).await;
     let machine_after = procstat::MachineTicks::now();
+    let threads_after = procstat::threads_cpu_time_us(gw.pid);
     let cpu_after = procstat::tree_cpu_time_us(gw.pid);
     let own_after = procstat::cpu_time_us(me);
     m.idle_pct32 = machine_before
@@ -325,11 +329,37 @@ async fn measure(gw: &Gateway, plan: &Plan) -> Measured {
             |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?) as f64 / r.ok() as f64);
         m.cpu_us_per_req = per_req(cpu_before, cpu_after);
         m.loadgen_cpu_us_per_req = per_req(own_before, own_after);
+        m.threads32 = procstat::threads_per_request(&threads_before, &threads_after, r.ok());
     }
     let r = load::run(&gw.stream, plan.stream).await;
     m.absorb(&r);
     m.ttft = Summary::of(&r.ttft_us);
     m
+}
+
+/// Each thread name's median CPU per request at c=32 over the runs that
+/// saw it, costliest first.
+fn thread_medians(runs: &[Measured]) -> Vec<(String, f64)> {
+    let mut names: Vec<&str> = Vec::new();
+    for m in runs {
+        for (name, _) in &m.threads32 {
+            if !names.contains(&name.as_str()) {
+                names.push(name);
+            }
+        }
+    }
+    let mut out: Vec<(String, f64)> = names
+        .into_iter()
+        .filter_map(|name| {
+            let v: Vec<f64> = runs
+                .iter()
+                .filter_map(|m| m.threads32.iter().find(|(n, _)| n == name).map(|t| t.1))
+                .collect();
+            Some((name.to_string(), median(&v)?))
+        })
+        .collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out
 }
 
 /// Starts a hidden `sluice bench ...` subcommand of this very binary.
@@ -652,6 +682,26 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
             })
             .unwrap_or_default();
         println!("{} sweep (last run): {}", gw.name, sweep.join("; "));
+        let threads = thread_medians(&results[g]);
+        if !threads.is_empty() {
+            // /proc counts in clock ticks (10 ms): a short window may show
+            // none for a thread.
+            let listed: Vec<String> = threads
+                .iter()
+                .filter(|(_, us)| *us >= 0.5)
+                .take(6)
+                .map(|(name, us)| format!("{name} {us:.1}"))
+                .collect();
+            println!(
+                "{} threads, c={c32} (us of CPU per request, medians; main process): {}",
+                gw.name,
+                if listed.is_empty() {
+                    "each under 0.5 (too short a window to count)".to_string()
+                } else {
+                    listed.join(", ")
+                }
+            );
+        }
     }
     if let Some(reason) = &litellm_reason {
         println!("litellm: na ({reason})");
@@ -680,4 +730,31 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
     sluice.stop().await;
     mock.stop().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_with(threads: &[(&str, f64)]) -> Measured {
+        Measured {
+            threads32: threads.iter().map(|(n, us)| (n.to_string(), *us)).collect(),
+            ..Measured::default()
+        }
+    }
+
+    #[test]
+    fn thread_medians_are_per_name_and_costliest_first() {
+        let runs = [
+            run_with(&[("validator", 20.0), ("miner", 30.0), ("idle", 0.1)]),
+            run_with(&[("validator", 24.0), ("miner", 26.0)]),
+            run_with(&[("validator", 22.0), ("ledger", 9.0)]),
+        ];
+        let got = thread_medians(&runs);
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["miner", "validator", "ledger", "idle"]);
+        assert_eq!(got[1].1, 22.0, "median of three");
+        assert_eq!(got[2].1, 9.0, "a name seen in one run only");
+        assert!(thread_medians(&[]).is_empty());
+    }
 }
