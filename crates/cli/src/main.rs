@@ -5,7 +5,7 @@ use clap::Parser;
 
 // A thread-caching allocator: every request allocates and frees buffers
 // on several threads, where the system allocator spends about a tenth of
-// the gateway's CPU (see the Benchmarks section of the README).
+// the gateway's CPU (docs/benchmarks-history.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -63,8 +63,8 @@ pub struct SluiceGatewayArgs {
 /// The validator and the miner each run on a runtime of their own with one
 /// thread, as two processes given a core each would. On one shared
 /// two-worker runtime, tokio's workers woke each other several times per
-/// request (about a fifth more CPU per request at concurrency 32; see the
-/// README's benchmark section).
+/// request (about a fifth more CPU per request at concurrency 32; see
+/// docs/benchmarks-history.md).
 pub async fn serve_sluice(args: SluiceGatewayArgs) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir)?;
     let shutdown = CancellationToken::new();
