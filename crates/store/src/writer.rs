@@ -213,29 +213,9 @@ impl HoldRow {
     }
 }
 
-/// What a commit is done with, handed back to the callers' thread to be
-/// freed there: the callers allocated it, and memory freed by the thread
-/// that allocated it goes back on that thread's own free list, where the
-/// next request finds it in its own core's cache (freed here, each block
-/// would be written by this core first and fetched back from it). With
-/// several caller threads, whichever leaves the next settlement frees it:
-/// no worse than freeing it here. Measured with `wrk -c32`, twelve interleaved pairs: 0.6 µs (2.5%) less
-/// CPU per request on the validator's thread and 0.2 µs on this one.
-enum Spent {
-    Settle {
-        _settlement: Option<Box<Settlement>>,
-        _record: Option<Box<RequestRecord>>,
-    },
-    Hold {
-        _row: HoldRow,
-    },
-}
-
 /// Reservations granted without a trip to the writer thread.
 #[derive(Default)]
 struct FastPath {
-    /// Finished with by the writer, for the callers to free.
-    spent: Vec<Spent>,
     /// Per user: what may still be reserved, and the epoch of the exact
     /// decision that published it.
     headroom: HashMap<String, (i64, u64)>,
@@ -387,16 +367,14 @@ impl Writer {
     /// Leaves an operation for the next commit without waking the thread
     /// (but for the first of a batch); gives it back when the list is full.
     fn linger(&self, job: Job) -> Option<Job> {
-        let (first, spent) = {
+        let first = {
             let mut fast = lock(&self.fast);
             if fast.lingering.len() >= QUEUE {
                 return Some(job);
             }
             fast.lingering.push(job);
-            (fast.lingering.len() == 1, std::mem::take(&mut fast.spent))
+            fast.lingering.len() == 1
         };
-        // Freed here, outside the lock (see [`Spent`]).
-        drop(spent);
         if first {
             match self.tx.try_send(Msg::Linger) {
                 // Full: the thread is busy and takes the list with its
@@ -461,8 +439,6 @@ struct State<'c> {
     wal: PathBuf,
     wal_limit: u64,
     wal_next_check: Instant,
-    /// Done with in this commit, for [`State::hand_back_spent`].
-    spent: Vec<Spent>,
 }
 
 fn run(
@@ -483,7 +459,6 @@ fn run(
         held: HashMap::new(),
         deadline: None,
         now: false,
-        spent: Vec::new(),
     };
     loop {
         let next = if st.batch.is_empty() && st.deadline.is_none() && !st.now {
@@ -570,13 +545,6 @@ impl State<'_> {
                 self.held.remove(user_id);
             }
         }
-    }
-
-    /// Hands what the last commit is done with to the callers' thread
-    /// ([`Spent`]), which frees it when it next leaves a settlement. Past
-    /// [`QUEUE`] waiting (callers that stopped settling), frees it here.
-    fn hand_back_spent(&mut self) {
-        hand_back(&self.fast, &mut self.spent);
     }
 
     /// Starts the batch clock for lingering operations.
@@ -681,7 +649,6 @@ impl State<'_> {
                     if let Some(h) = unwritten {
                         if result.is_ok() {
                             self.unhold(&h.user_id, h.amount);
-                            self.spent.push(Spent::Hold { _row: h });
                         } else {
                             // Still open: it may be settled or released again.
                             self.unwritten.insert(h.request_id.clone(), h);
@@ -689,7 +656,7 @@ impl State<'_> {
                     }
                     if job.reply.is_some() {
                         job.answer(result);
-                    } else if let Some(retry) = report_detached(job.op, result, &mut self.spent) {
+                    } else if let Some(retry) = report_detached(job.op, result) {
                         self.batch.push(Work::Job {
                             job: Box::new(retry),
                             unwritten: None,
@@ -704,11 +671,9 @@ impl State<'_> {
                     if let Err(e) = result {
                         tracing::error!(request_id = h.request_id, error = %e, "could not write a reservation");
                     }
-                    self.spent.push(Spent::Hold { _row: h });
                 }
             }
         }
-        self.hand_back_spent();
         let started = Instant::now();
         if started >= self.wal_next_check {
             let mut next = WAL_CHECK_EVERY;
@@ -734,24 +699,6 @@ impl State<'_> {
             self.wal_next_check = Instant::now() + next;
         }
     }
-}
-
-/// Moves `spent` to the callers' side (see [`Spent`]); frees it all here
-/// instead once more than [`QUEUE`] items wait there.
-fn hand_back(fast: &Mutex<FastPath>, spent: &mut Vec<Spent>) {
-    if spent.is_empty() {
-        return;
-    }
-    let overflow = {
-        let mut fast = lock(fast);
-        fast.spent.append(spent);
-        if fast.spent.len() > QUEUE {
-            std::mem::take(&mut fast.spent)
-        } else {
-            Vec::new()
-        }
-    };
-    drop(overflow);
 }
 
 /// The write-ahead log of the database at `db`.
@@ -800,23 +747,15 @@ fn bound_wal(conn: &Connection, wal: &Path, limit: u64, wait: Duration) -> Resul
 /// When it failed with its settlement, returns the job that writes the
 /// request's row alone: the reservation stays open and recovery releases
 /// it, so the request is not charged, and never charged twice.
-fn report_detached(op: Op, result: Result<Reply>, spent: &mut Vec<Spent>) -> Option<Job> {
+fn report_detached(op: Op, result: Result<Reply>) -> Option<Job> {
     let Op::Settle { settlement, record } = op else {
         return None;
     };
     let id = record.as_ref().map_or("", |r| r.id.as_str());
     let settled = result.map(|reply| matches!(reply, Reply::Flag(true)));
     if !crate::ledger::report_finish(id, settlement.is_some(), &settled) {
-        spent.push(Spent::Settle {
-            _settlement: settlement,
-            _record: record,
-        });
         return None;
     }
-    spent.push(Spent::Settle {
-        _settlement: settlement,
-        _record: None,
-    });
     record.map(|record| Job {
         op: Op::Settle {
             settlement: None,
@@ -1101,15 +1040,11 @@ fn checkpointer(conn: Connection, stop: std_mpsc::Receiver<()>) {
 
 #[cfg(test)]
 mod tests {
-    use super::{
-        bound_wal, hand_back, sqlite_path, wal_path, FastPath, Op, Prepared, Reply, Spent,
-        WalBound, Writer, QUEUE,
-    };
+    use super::{bound_wal, sqlite_path, wal_path, Op, Prepared, Reply, WalBound, Writer};
     use crate::ledger::Settlement;
     use crate::sql::{self, OnError};
     use rusqlite::Connection;
     use std::path::PathBuf;
-    use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
     /// A log over the limit is copied into the database and truncated,
@@ -1218,125 +1153,6 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM daily_counters", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, taken);
-    }
-
-    fn row(id: &str) -> crate::RequestRecord {
-        crate::RequestRecord {
-            id: id.into(),
-            user_id: "u".into(),
-            key_id: "k".into(),
-            model: "m".into(),
-            kind: "chat".into(),
-            stream: false,
-            miner_key: Some("miner".into()),
-            status: "ok".into(),
-            http_status: 200,
-            prompt_tokens: 1,
-            completion_tokens: 1,
-            attempts: 1,
-            queue_ms: 0,
-            ttft_ms: None,
-            latency_ms: 1,
-            created_ms: 1,
-            cost: 3,
-        }
-    }
-
-    fn settlement(id: &str) -> Settlement {
-        Settlement {
-            request_id: id.into(),
-            user_id: "u".into(),
-            user_pays: true,
-            cost: 3,
-            credits: vec![("miner".into(), 2)],
-            fee: 1,
-        }
-    }
-
-    /// Ids of the request rows waiting for the callers to free them.
-    fn spent_ids(writer: &Writer) -> Vec<String> {
-        super::lock(&writer.fast)
-            .spent
-            .iter()
-            .filter_map(|s| match s {
-                Spent::Settle {
-                    _record: Some(r), ..
-                } => Some(r.id.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    async fn wait_for_spent(writer: &Writer, id: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while spent_ids(writer) != [id] {
-            assert!(
-                Instant::now() < deadline,
-                "never handed back: {:?}",
-                spent_ids(writer)
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// What a detached settlement's commit is done with goes back to the
-    /// callers' side, and the next settlement a caller leaves frees it
-    /// there; the rows are written all the same.
-    #[tokio::test]
-    async fn a_committed_settlement_is_freed_by_the_next_caller() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
-        crate::Store::open(&url).await.unwrap().close().await;
-        let writer = Writer::start(&url).unwrap().unwrap();
-        writer
-            .detach(Some(settlement("first")), row("first"))
-            .await
-            .unwrap();
-        assert!(matches!(writer.call(Op::Flush).await.unwrap(), Reply::Done));
-        // Handed back once the commit's answers are sent.
-        wait_for_spent(&writer, "first").await;
-        writer
-            .detach(Some(settlement("second")), row("second"))
-            .await
-            .unwrap();
-        assert!(
-            !spent_ids(&writer).contains(&"first".to_string()),
-            "the caller freed the first"
-        );
-        assert!(matches!(writer.call(Op::Flush).await.unwrap(), Reply::Done));
-        wait_for_spent(&writer, "second").await;
-        drop(writer);
-        let conn = Connection::open(dir.path().join("s.db")).unwrap();
-        let (requests, settled): (i64, i64) = conn
-            .query_row(
-                "SELECT (SELECT COUNT(*) FROM requests), (SELECT COUNT(*) FROM settlements)",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .unwrap();
-        assert_eq!((requests, settled), (2, 2));
-        assert_eq!(entries_count(&conn), 6, "user, miner and fee, twice");
-    }
-
-    /// Callers that stopped leaving settlements do not make the writer
-    /// keep an ever longer list: past the queue's length it frees it all.
-    #[test]
-    fn the_hand_back_list_is_bounded() {
-        let fast = Mutex::new(FastPath::default());
-        let spent = || Spent::Settle {
-            _settlement: Some(Box::new(settlement("s"))),
-            _record: None,
-        };
-        let mut batch: Vec<Spent> = (0..QUEUE).map(|_| spent()).collect();
-        hand_back(&fast, &mut batch);
-        assert!(batch.is_empty());
-        assert_eq!(super::lock(&fast).spent.len(), QUEUE);
-        let mut one_more = vec![spent()];
-        hand_back(&fast, &mut one_more);
-        assert!(super::lock(&fast).spent.is_empty(), "freed by the writer");
-        let mut nothing = Vec::new();
-        hand_back(&fast, &mut nothing);
-        assert!(super::lock(&fast).spent.is_empty());
     }
 
     fn entries_count(conn: &Connection) -> i64 {
