@@ -76,6 +76,17 @@ const HOLD_UNWRITTEN: Duration = Duration::from_secs(1);
 const YIELD_EVERY: usize = 2;
 /// Accounts per balance statement at the end of a batch.
 const DELTAS_PER_STATEMENT: usize = 200;
+/// The nice value of the writer and checkpointer threads (0 is the
+/// default; higher yields more readily). A batch is up to a millisecond of
+/// work; at the default value a request thread woken on the same core
+/// could wait behind it. At 5 the scheduler still gives these threads a
+/// quarter of a contended core, more than they need at full load (the
+/// writer uses about a sixth of a core at 20,000 requests a second).
+/// Measured on the tenth machine with `wrk -c1`: eight alternating pairs
+/// on one gateway, p99 lower in all eight (median 0.72 against 0.96 ms);
+/// eight pairs of gateways started apart, lower in six (0.74 against
+/// 0.80); p50 the same, and at c=32 the same throughput.
+const BACKGROUND_NICE: i32 = 5;
 /// How often the checkpointer moves the log into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// A write-ahead log past this size is copied in full and truncated by the
@@ -275,12 +286,16 @@ impl Writer {
         let checkpoint_conn = open(&path)?;
         std::thread::Builder::new()
             .name("sluice-checkpoint".into())
-            .spawn(move || checkpointer(checkpoint_conn, stop_rx))
+            .spawn(move || {
+                lower_priority();
+                checkpointer(checkpoint_conn, stop_rx)
+            })
             .map_err(|e| StoreError::Invalid(format!("cannot start the checkpoint thread: {e}")))?;
         let wal = wal_path(&path);
         std::thread::Builder::new()
             .name("sluice-ledger".into())
             .spawn(move || {
+                lower_priority();
                 run(conn, rx, thread_fast, wal, wal_limit);
                 drop(stop_tx);
             })
@@ -1028,6 +1043,18 @@ fn apply(
 /// Moves the write-ahead log into the database file every
 /// [`CHECKPOINT_EVERY`] until the writer stops. PASSIVE never blocks the
 /// writer; the log restarts from its beginning once fully copied.
+/// Sets the calling thread's nice value to [`BACKGROUND_NICE`] (on Linux
+/// the nice value belongs to each thread); a refusal only costs latency.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let me = rustix::thread::gettid();
+        if let Err(e) = rustix::process::setpriority_process(Some(me), BACKGROUND_NICE) {
+            tracing::debug!(error = %e, "could not lower the ledger thread's priority");
+        }
+    }
+}
+
 fn checkpointer(conn: Connection, stop: std_mpsc::Receiver<()>) {
     while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
@@ -1153,6 +1180,63 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM daily_counters", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, taken);
+    }
+
+    /// Nice values of this process's threads with the given name.
+    #[cfg(target_os = "linux")]
+    fn nice_of(name: &str) -> Vec<i32> {
+        let mut found = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim_end() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+            // Field 19 (nice), counted after the parenthesised name.
+            let after = &stat[stat.rfind(')').unwrap() + 2..];
+            found.push(after.split(' ').nth(16).unwrap().parse().unwrap());
+        }
+        found
+    }
+
+    /// The writer and the checkpointer run at a lower priority than the
+    /// request threads (see `BACKGROUND_NICE`), and still commit.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_ledger_threads_yield_to_request_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
+        crate::Store::open(&url).await.unwrap().close().await;
+        let writer = Writer::start(&url).unwrap().unwrap();
+        let op = Op::TakeDaily {
+            key_id: "k".into(),
+            day: "2026-11-28".into(),
+            limit: 1,
+        };
+        // Answered after its commit: the thread has set its priority.
+        assert!(matches!(
+            writer.call(op).await.unwrap(),
+            Reply::Daily(Some(1))
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (ledger, checkpoint) = (nice_of("sluice-ledger"), nice_of("sluice-checkpoi"));
+            // Other tests in this binary start writers too: all of them.
+            if !ledger.is_empty()
+                && !checkpoint.is_empty()
+                && ledger
+                    .iter()
+                    .chain(&checkpoint)
+                    .all(|n| *n == super::BACKGROUND_NICE)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ledger {ledger:?}, checkpointer {checkpoint:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     fn entries_count(conn: &Connection) -> i64 {
