@@ -1040,9 +1040,6 @@ fn apply(
     }
 }
 
-/// Moves the write-ahead log into the database file every
-/// [`CHECKPOINT_EVERY`] until the writer stops. PASSIVE never blocks the
-/// writer; the log restarts from its beginning once fully copied.
 /// Sets the calling thread's nice value to [`BACKGROUND_NICE`] (on Linux
 /// the nice value belongs to each thread); a refusal only costs latency.
 fn lower_priority() {
@@ -1055,6 +1052,9 @@ fn lower_priority() {
     }
 }
 
+/// Moves the write-ahead log into the database file every
+/// [`CHECKPOINT_EVERY`] until the writer stops. PASSIVE never blocks the
+/// writer; the log restarts from its beginning once fully copied.
 fn checkpointer(conn: Connection, stop: std_mpsc::Receiver<()>) {
     while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
