@@ -68,6 +68,18 @@ impl LoadResult {
             self.ok() as f64 / s
         }
     }
+
+    /// Adds a later run against the same target, as if one run had
+    /// covered both: its samples and errors join, its time adds up.
+    pub fn merge(&mut self, later: LoadResult) {
+        self.latencies_us.extend(later.latencies_us);
+        self.ttft_us.extend(later.ttft_us);
+        self.errors += later.errors;
+        if self.first_error.is_none() {
+            self.first_error = later.first_error;
+        }
+        self.elapsed += later.elapsed;
+    }
 }
 
 /// Longest wait for one whole answer.
@@ -491,6 +503,36 @@ pub async fn run(target: &Target, spec: LoadSpec) -> LoadResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merged_runs_read_as_one() {
+        let mut a = LoadResult {
+            latencies_us: vec![10, 20],
+            ttft_us: vec![5],
+            errors: 1,
+            first_error: None,
+            elapsed: Duration::from_secs(1),
+        };
+        a.merge(LoadResult {
+            latencies_us: vec![30, 40],
+            ttft_us: vec![],
+            errors: 2,
+            first_error: Some("refused".into()),
+            elapsed: Duration::from_secs(3),
+        });
+        assert_eq!(a.latencies_us, [10, 20, 30, 40]);
+        assert_eq!(a.ttft_us, [5]);
+        assert_eq!(a.errors, 3);
+        assert_eq!(a.first_error.as_deref(), Some("refused"));
+        assert_eq!(a.elapsed, Duration::from_secs(4));
+        assert_eq!(a.rps(), 1.0);
+        // The first error seen stays the first.
+        a.merge(LoadResult {
+            first_error: Some("later".into()),
+            ..LoadResult::default()
+        });
+        assert_eq!(a.first_error.as_deref(), Some("refused"));
+    }
     use crate::mock::{self, MockOptions};
     use tokio_util::sync::CancellationToken;
 

@@ -104,16 +104,24 @@ fn bench_gateway_smoke_prints_its_summary_line() {
     assert_ne!(value(&pairs, "sluice_p99_added_ms"), "na", "{out}");
     assert_ne!(value(&pairs, "sluice_cpu_us_per_req"), "na", "{out}");
     assert!(out.contains("latency c=1 p50 (ms)"), "{out}");
-    let idle = out
+    // The idle row and the two steal rows (c=1, then the high
+    // concurrency) hold percentages, or `na`.
+    let rows: Vec<&str> = out
         .lines()
-        .find(|l| l.starts_with("cores idle, c="))
-        .unwrap_or_else(|| panic!("no idle row: {out}"));
-    assert!(
-        idle.split_whitespace()
-            .skip(4)
-            .all(|v| v == "na" || v.parse::<f64>().is_ok_and(|p| (0.0..=100.0).contains(&p))),
-        "{idle}"
-    );
+        .filter(|l| l.starts_with("cores idle, c=") || l.starts_with("host steal, c="))
+        .collect();
+    assert_eq!(rows.len(), 3, "{out}");
+    for line in rows {
+        // After the four words of the row's name: one value per gateway.
+        let values: Vec<&str> = line.split_whitespace().skip(4).collect();
+        assert!(!values.is_empty(), "{line}");
+        assert!(
+            values
+                .iter()
+                .all(|v| *v == "na" || v.parse::<f64>().is_ok_and(|p| (0.0..=100.0).contains(&p))),
+            "{line}"
+        );
+    }
     // The gateway's CPU by thread (the smoke window is too short for
     // every thread to show a clock tick, so the names are not checked).
     assert!(
