@@ -25,6 +25,9 @@ use super::{free_port, machine_line, num, progress, ratio, wait_http_ok, ChildPr
 const MODEL: &str = "mock-model";
 /// Latency bound for the "max requests/s" figure.
 const SLO_P99_US: u64 = 10_000;
+/// Median steal above this (percent) in a window makes the report say the
+/// host was busy.
+const STEAL_WARN_PCT: f64 = 5.0;
 
 #[derive(Args, Debug)]
 pub struct GatewayArgs {
@@ -409,6 +412,18 @@ async fn measure(gw: &Gateway, plan: &Plan, c1: Option<C1>) -> Measured {
     m
 }
 
+/// The windows (gateway, step, median steal %) whose steal was above
+/// [`STEAL_WARN_PCT`], as "sluice c=1 (18%)", in the order given.
+fn busy_windows(windows: &[(&str, String, Option<f64>)]) -> Vec<String> {
+    windows
+        .iter()
+        .filter_map(|(name, step, steal)| {
+            let steal = (*steal)?;
+            (steal > STEAL_WARN_PCT).then(|| format!("{name} {step} ({steal:.0}%)"))
+        })
+        .collect()
+}
+
 /// Each thread name's median CPU per request at c=32 over the runs that
 /// saw it, costliest first.
 fn thread_medians(runs: &[Measured]) -> Vec<(String, f64)> {
@@ -751,6 +766,18 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
     println!(
         "(\"direct\" is the mock itself; its CPU row is the mock's own cost. Sluice = validator + miner in one process, each on a one-thread runtime of its own, two HTTP hops. Throughput and CPU share {cores} cores with the load generator; \"cores idle\" is the share of all cores' time idle during the c={c32} window: well above zero, something other than the cores bound the throughput: a thread the others waited on, or threads the scheduler kept on one core. \"host steal\" is the share the hypervisor gave to other guests while the vCPUs had work: above a few percent, that window ran on a busy host, and its latency and throughput say as much about the host as about the gateway.)"
     );
+    let mut windows = Vec::new();
+    for (g, gw) in gateways.iter().enumerate() {
+        windows.push((gw.name, "c=1".to_string(), med(g, &|m| m.steal_pct1)));
+        windows.push((gw.name, format!("c={c32}"), med(g, &|m| m.steal_pct32)));
+    }
+    let busy = busy_windows(&windows);
+    if !busy.is_empty() {
+        println!(
+            "note: a busy host: the hypervisor ran other guests in {} (median steal above {STEAL_WARN_PCT}%): those figures are slower than the gateways themselves; to compare invocations, run again when the host is quieter",
+            busy.join(", ")
+        );
+    }
     for (g, gw) in gateways.iter().enumerate() {
         if let Some(e) = results[g].iter().find_map(|m| m.first_error.clone()) {
             println!("{}: first error: {e}", gw.name);
@@ -820,6 +847,22 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_windows_are_the_ones_above_the_steal_bound() {
+        let windows = [
+            ("direct", "c=1".to_string(), Some(19.4)),
+            ("sluice", "c=1".to_string(), Some(3.0)),
+            ("sluice", "c=32".to_string(), Some(5.0)),
+            ("litellm", "c=1".to_string(), None),
+            ("litellm", "c=32".to_string(), Some(5.6)),
+        ];
+        assert_eq!(
+            busy_windows(&windows),
+            ["direct c=1 (19%)", "litellm c=32 (6%)"]
+        );
+        assert!(busy_windows(&windows[1..4]).is_empty(), "a quiet host");
+    }
 
     fn run_with(threads: &[(&str, f64)]) -> Measured {
         Measured {
