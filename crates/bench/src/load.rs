@@ -503,6 +503,8 @@ pub async fn run(target: &Target, spec: LoadSpec) -> LoadResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mock::{self, MockOptions};
+    use tokio_util::sync::CancellationToken;
 
     #[test]
     fn merged_runs_read_as_one() {
@@ -533,8 +535,6 @@ mod tests {
         });
         assert_eq!(a.first_error.as_deref(), Some("refused"));
     }
-    use crate::mock::{self, MockOptions};
-    use tokio_util::sync::CancellationToken;
 
     #[test]
     fn detects_text_events() {

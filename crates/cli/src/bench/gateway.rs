@@ -182,9 +182,9 @@ async fn join(thread: std::thread::JoinHandle<Result<()>>) -> Result<()> {
 struct Plan {
     runs: usize,
     warmup: usize,
-    /// The c=1 step, split into this many slices that the gateways take
-    /// in turn (see [`measure_c1`]).
     c1: LoadSpec,
+    /// The c=1 step is split into this many slices, which direct and
+    /// Sluice take in turn (see [`measure_c1`]).
     c1_slices: usize,
     c32: LoadSpec,
     stream: LoadSpec,
