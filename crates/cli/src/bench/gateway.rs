@@ -316,6 +316,19 @@ struct C1 {
     ticks: procstat::MachineTicks,
 }
 
+impl C1 {
+    /// Runs `spec` against `target` and adds the run and the machine's
+    /// ticks during it to what this gateway's step has gathered.
+    async fn take(&mut self, target: &Target, spec: LoadSpec) {
+        let before = procstat::MachineTicks::now();
+        let r = load::run(target, spec).await;
+        if let Some((a, b)) = before.zip(procstat::MachineTicks::now()) {
+            self.ticks.add_window(&a, &b);
+        }
+        self.load.merge(r);
+    }
+}
+
 /// The c=1 step of the gateways named in `turns`, in slices taken in
 /// turn: their c=1 figures then come from the same stretch of time, so a
 /// while of hypervisor steal or a noisy neighbour lands on each of them
@@ -342,13 +355,10 @@ async fn measure_c1(gateways: &[Gateway], turns: &[&str], plan: &Plan) -> Vec<Op
     for round in 0..slices {
         for k in 0..taking.len() {
             let g = taking[(round + k) % taking.len()];
-            let before = procstat::MachineTicks::now();
-            let r = load::run(&gateways[g].plain, slice).await;
-            let c1 = out[g].get_or_insert_with(C1::default);
-            if let Some((a, b)) = before.zip(procstat::MachineTicks::now()) {
-                c1.ticks.add_window(&a, &b);
-            }
-            c1.load.merge(r);
+            out[g]
+                .get_or_insert_with(C1::default)
+                .take(&gateways[g].plain, slice)
+                .await;
         }
     }
     out
@@ -362,11 +372,7 @@ async fn measure(gw: &Gateway, plan: &Plan, c1: Option<C1>) -> Measured {
         Some(c1) => c1,
         None => {
             let mut c1 = C1::default();
-            let before = procstat::MachineTicks::now();
-            c1.load = load::run(&gw.plain, plan.c1).await;
-            if let Some((a, b)) = before.zip(procstat::MachineTicks::now()) {
-                c1.ticks.add_window(&a, &b);
-            }
+            c1.take(&gw.plain, plan.c1).await;
             c1
         }
     };
