@@ -235,3 +235,78 @@ pub fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
         _ => None,
     }
 }
+
+/// One of the project's performance targets for a figure of a final line.
+#[derive(Clone, Copy)]
+pub struct Goal {
+    /// The figure's key in the final line.
+    pub key: &'static str,
+    pub bound: f64,
+    /// Whether the figure must stay at or under the bound (else at or over).
+    pub at_most: bool,
+    /// The decimals the final line prints: the figure is judged as printed.
+    pub decimals: usize,
+}
+
+/// The line printed above a final line: each figure against its target,
+/// `met` or `not met` (`na` when it was not measured), and how many held,
+/// e.g. `targets: rps_ratio 110.62 >= 100 met (1 of 1 met)`.
+pub fn targets_line(goals: &[(Goal, Option<f64>)]) -> String {
+    let mut met = 0;
+    let parts: Vec<String> = goals
+        .iter()
+        .map(|(g, v)| {
+            let shown = num(*v, g.decimals);
+            let (op, bound) = (if g.at_most { "<=" } else { ">=" }, g.bound);
+            let verdict = match shown.parse::<f64>() {
+                Ok(x) if (g.at_most && x <= bound) || (!g.at_most && x >= bound) => {
+                    met += 1;
+                    "met"
+                }
+                Ok(_) => "not met",
+                Err(_) => "not measured",
+            };
+            format!("{} {shown} {op} {bound} {verdict}", g.key)
+        })
+        .collect();
+    format!(
+        "targets: {} ({met} of {} met)",
+        parts.join("; "),
+        goals.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{targets_line, Goal};
+
+    fn goal(key: &'static str, bound: f64, at_most: bool, decimals: usize) -> Goal {
+        Goal {
+            key,
+            bound,
+            at_most,
+            decimals,
+        }
+    }
+
+    #[test]
+    fn targets_are_judged_on_the_printed_figure() {
+        let line = targets_line(&[
+            (goal("p99_ms", 0.3, true, 3), Some(0.3004)),
+            (goal("cpu_us", 100.0, true, 0), Some(139.0)),
+            (goal("rps_ratio", 100.0, false, 2), Some(110.624)),
+            (goal("ratio8", 1.0, false, 2), None),
+        ]);
+        assert_eq!(
+            line,
+            "targets: p99_ms 0.300 <= 0.3 met; cpu_us 139 <= 100 not met; \
+             rps_ratio 110.62 >= 100 met; ratio8 na >= 1 not measured (2 of 4 met)"
+        );
+    }
+
+    #[test]
+    fn a_figure_just_past_its_bound_as_printed_is_not_met() {
+        let line = targets_line(&[(goal("ratio1", 1.0, false, 2), Some(0.994))]);
+        assert_eq!(line, "targets: ratio1 0.99 >= 1 not met (0 of 1 met)");
+    }
+}

@@ -86,6 +86,39 @@ fn value<'a>(pairs: &'a [(String, String)], key: &str) -> &'a str {
     &pairs.iter().find(|(k, _)| k == key).unwrap().1
 }
 
+/// The line above the final one judges the given figures against the
+/// project's targets, each `met`, `not met` or `not measured`, and counts
+/// the ones met.
+fn assert_targets_line(out: &str, keys: &[&str]) {
+    let lines: Vec<&str> = out.lines().collect();
+    let line = lines
+        .len()
+        .checked_sub(2)
+        .map(|i| lines[i])
+        .unwrap_or_default();
+    let rest = line
+        .strip_prefix("targets: ")
+        .unwrap_or_else(|| panic!("no targets line above the final line:\n{out}"));
+    let (judged, count) = rest
+        .rsplit_once(" (")
+        .unwrap_or_else(|| panic!("no count: {line}"));
+    let parts: Vec<&str> = judged.split("; ").collect();
+    assert_eq!(parts.len(), keys.len(), "{line}");
+    let mut met = 0;
+    for (part, key) in parts.iter().zip(keys) {
+        assert!(part.starts_with(&format!("{key} ")), "{part} in {line}");
+        if part.ends_with(" met") && !part.ends_with(" not met") {
+            met += 1;
+        } else {
+            assert!(
+                part.ends_with(" not met") || part.ends_with(" not measured"),
+                "{part} in {line}"
+            );
+        }
+    }
+    assert_eq!(count, format!("{met} of {} met)", keys.len()), "{line}");
+}
+
 #[test]
 fn bench_gateway_smoke_prints_its_summary_line() {
     let out = run(&["bench", "gateway", "--smoke"], Duration::from_secs(600));
@@ -103,6 +136,10 @@ fn bench_gateway_smoke_prints_its_summary_line() {
     // Sluice itself is always measured; LiteLLM only where it is installed.
     assert_ne!(value(&pairs, "sluice_p99_added_ms"), "na", "{out}");
     assert_ne!(value(&pairs, "sluice_cpu_us_per_req"), "na", "{out}");
+    assert_targets_line(
+        &out,
+        &["sluice_p99_added_ms", "sluice_cpu_us_per_req", "rps_ratio"],
+    );
     assert!(out.contains("latency c=1 p50 (ms)"), "{out}");
     // The idle row and the two steal rows (c=1, then the high
     // concurrency) hold percentages, or `na`.
@@ -162,6 +199,7 @@ fn bench_engine_smoke_prints_its_summary_line() {
     );
     assert_ne!(value(&pairs, "sluice_tok_s"), "na", "{out}");
     assert_ne!(value(&pairs, "sluice_agg8_tok_s"), "na", "{out}");
+    assert_targets_line(&out, &["ratio1", "ratio8"]);
     assert_machine_line(&out);
 }
 

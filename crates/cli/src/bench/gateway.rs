@@ -19,7 +19,9 @@ use sluice_validator::ValidatorConfig;
 use tokio_util::sync::CancellationToken;
 
 use super::peers::{LiteLlm, LITELLM_VERSION};
-use super::{free_port, machine_line, num, progress, ratio, wait_http_ok, ChildProc};
+use super::{
+    free_port, machine_line, num, progress, ratio, targets_line, wait_http_ok, ChildProc, Goal,
+};
 
 /// The model name every target serves.
 const MODEL: &str = "mock-model";
@@ -28,6 +30,28 @@ const SLO_P99_US: u64 = 10_000;
 /// Median steal above this (percent) in a window makes the report say the
 /// host was busy.
 const STEAL_WARN_PCT: f64 = 5.0;
+/// The project's targets for the final line's Sluice figures (judged as
+/// printed).
+const GOALS: [Goal; 3] = [
+    Goal {
+        key: "sluice_p99_added_ms",
+        bound: 0.3,
+        at_most: true,
+        decimals: 3,
+    },
+    Goal {
+        key: "sluice_cpu_us_per_req",
+        bound: 100.0,
+        at_most: true,
+        decimals: 0,
+    },
+    Goal {
+        key: "rps_ratio",
+        bound: 100.0,
+        at_most: false,
+        decimals: 2,
+    },
+];
 
 #[derive(Args, Debug)]
 pub struct GatewayArgs {
@@ -833,13 +857,22 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
     println!(
         "(final line: p99 added at c=1; CPU at c={c32}; rps_ratio = Sluice / LiteLLM throughput at c={c32}, not latency-bounded)"
     );
+    let rps_ratio = ratio(rps(s), rps(l));
+    println!(
+        "{}",
+        targets_line(&[
+            (GOALS[0], p99_added(s)),
+            (GOALS[1], cpu(s)),
+            (GOALS[2], rps_ratio),
+        ])
+    );
     println!(
         "bench gateway: sluice_p99_added_ms={} litellm_p99_added_ms={} sluice_cpu_us_per_req={} litellm_cpu_us_per_req={} rps_ratio={}",
         num(p99_added(s), 3),
         num(p99_added(l), 3),
         num(cpu(s), 0),
         num(cpu(l), 0),
-        num(ratio(rps(s), rps(l)), 2),
+        num(rps_ratio, 2),
     );
 
     if let Some((child, _, _)) = litellm {
