@@ -249,8 +249,8 @@ pub struct Goal {
 }
 
 /// The line printed above a final line: each figure against its target,
-/// `met` or `not met` (`na` when it was not measured), and how many held,
-/// e.g. `targets: rps_ratio 110.62 >= 100 met (1 of 1 met)`.
+/// `met`, `not met` or `not measured` (the figure is `na`), and how many
+/// held, e.g. `targets: rps_ratio 110.62 >= 100 met (1 of 1 met)`.
 pub fn targets_line(goals: &[(Goal, Option<f64>)]) -> String {
     let mut met = 0;
     let parts: Vec<String> = goals

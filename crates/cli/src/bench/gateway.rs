@@ -30,8 +30,8 @@ const SLO_P99_US: u64 = 10_000;
 /// Median steal above this (percent) in a window makes the report say the
 /// host was busy.
 const STEAL_WARN_PCT: f64 = 5.0;
-/// The project's targets for the final line's Sluice figures (judged as
-/// printed).
+/// The project's targets for the final line's Sluice figures, and the
+/// decimals the final line prints them with (they are judged as printed).
 const GOALS: [Goal; 3] = [
     Goal {
         key: "sluice_p99_added_ms",
@@ -868,11 +868,11 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
     );
     println!(
         "bench gateway: sluice_p99_added_ms={} litellm_p99_added_ms={} sluice_cpu_us_per_req={} litellm_cpu_us_per_req={} rps_ratio={}",
-        num(p99_added(s), 3),
-        num(p99_added(l), 3),
-        num(cpu(s), 0),
-        num(cpu(l), 0),
-        num(rps_ratio, 2),
+        num(p99_added(s), GOALS[0].decimals),
+        num(p99_added(l), GOALS[0].decimals),
+        num(cpu(s), GOALS[1].decimals),
+        num(cpu(l), GOALS[1].decimals),
+        num(rps_ratio, GOALS[2].decimals),
     );
 
     if let Some((child, _, _)) = litellm {
