@@ -127,6 +127,13 @@ fn random_hex(n: usize) -> String {
 }
 
 impl Store {
+    /// Whether the SQLite ledger writer is too far behind to take more
+    /// requests (see `Writer::backlogged`). Always false on PostgreSQL,
+    /// whose writes wait for a pooled connection instead.
+    pub fn ledger_backlogged(&self) -> bool {
+        self.writer.as_ref().is_some_and(|w| w.backlogged())
+    }
+
     /// Opens (creating if needed) the SQLite database of a data dir.
     pub async fn open_data_dir(data_dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(data_dir).map_err(|e| {

@@ -78,15 +78,19 @@ const YIELD_EVERY: usize = 2;
 const DELTAS_PER_STATEMENT: usize = 200;
 /// The nice value of the writer and checkpointer threads (0 is the
 /// default; higher yields more readily). A batch is up to a millisecond of
-/// work; at the default value a request thread woken on the same core
-/// could wait behind it. At 5 the scheduler still gives these threads a
-/// quarter of a contended core, more than they need at full load (the
-/// writer uses about a sixth of a core at 20,000 requests a second).
-/// Measured on the tenth machine with `wrk -c1`: eight alternating pairs
-/// on one gateway, p99 lower in all eight (median 0.72 against 0.96 ms);
-/// eight pairs of gateways started apart, lower in six (0.74 against
-/// 0.80); p50 the same, and at c=32 the same throughput.
-const BACKGROUND_NICE: i32 = 5;
+/// work, and its commit a stretch of 0.15–0.26 ms that never yields (about
+/// 70 writes of the log); a request thread woken on that core waits it
+/// out unless the scheduler preempts the writer, which it does sooner the
+/// lower the writer's weight. At 19 the writer gets little of a core
+/// that other work keeps busy: when it falls behind, the API turns new
+/// requests away ([`Writer::backlogged`]), which bounds the finished
+/// requests waiting to settle and gives the writer the CPU they took.
+/// Measured with `sluice bench gateway --no-litellm` on the twelfth
+/// machine (three interleaved pairs): Sluice's added p99 at c=1 0.204,
+/// 0.233 and 0.233 ms against 0.309, 0.279 and 0.316 at 5; c=32
+/// throughput and CPU per request the same. (At 5 against 0, on the
+/// tenth machine, `wrk -c1`: p99 lower in six and eight of eight pairs.)
+const BACKGROUND_NICE: i32 = 19;
 /// How often the checkpointer moves the log into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// A write-ahead log past this size is copied in full and truncated by the
@@ -301,6 +305,16 @@ impl Writer {
             })
             .map_err(|e| StoreError::Invalid(format!("cannot start the ledger writer: {e}")))?;
         Ok(Some(Writer { tx, fast }))
+    }
+
+    /// Whether the writer has fallen so far behind that callers wait to
+    /// queue work: its queue is full, and the list of lingering
+    /// settlements filled before it. The API turns new requests away
+    /// while this holds, so that finished requests waiting to settle stay
+    /// bounded (a writer that gets little CPU, at [`BACKGROUND_NICE`] on a
+    /// machine kept busy by other work, would otherwise let them pile up).
+    pub fn backlogged(&self) -> bool {
+        self.tx.is_full()
     }
 
     /// Holds `amount` for a request: on this thread when the user's
@@ -1237,6 +1251,41 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// A writer held up (here by another connection's write lock) fills
+    /// its queue and then says it is backlogged, so that the API turns new
+    /// requests away; once it catches up it answers everything queued and
+    /// says so no longer.
+    #[tokio::test]
+    async fn a_writer_that_falls_behind_says_so_until_it_catches_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        crate::Store::open(&url).await.unwrap().close().await;
+        let writer = std::sync::Arc::new(Writer::start(&url).unwrap().unwrap());
+        assert!(!writer.backlogged());
+        let blocker = Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let mut waiting = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !writer.backlogged() {
+            assert!(
+                Instant::now() < deadline,
+                "not backlogged after {} operations",
+                waiting.len()
+            );
+            let w = writer.clone();
+            waiting.push(tokio::spawn(async move { w.call(Op::Flush).await }));
+            // Lets the spawned callers queue their operations.
+            tokio::task::yield_now().await;
+        }
+        assert!(waiting.len() >= super::QUEUE, "{}", waiting.len());
+        blocker.execute_batch("ROLLBACK").unwrap();
+        for op in waiting {
+            assert!(matches!(op.await.unwrap().unwrap(), Reply::Done));
+        }
+        assert!(!writer.backlogged());
     }
 
     fn entries_count(conn: &Connection) -> i64 {

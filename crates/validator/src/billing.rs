@@ -96,6 +96,16 @@ pub async fn admit(
     max_tokens: Option<u32>,
     headers: &mut Option<RateHeaders>,
 ) -> Result<Admitted, ApiError> {
+    // Before anything is taken: a ledger writer that is behind would make
+    // this request's settlement wait in memory after its answer.
+    if state.store.ledger_backlogged() {
+        return Err(ApiError::Overloaded {
+            message:
+                "This validator is behind on recording finished requests; please retry shortly."
+                    .into(),
+            retry_after_s: 1,
+        });
+    }
     let cfg = &state.config;
     let now = now_ms();
     let paid = caller.tier == "paid";

@@ -23,6 +23,10 @@ pub enum ApiError {
     ContextLengthExceeded { message: String },
     #[error("no capacity for {model} before the request's deadline")]
     NoCapacity { model: String, retry_after_s: u64 },
+    /// The validator itself cannot take more work for now (its ledger
+    /// writer is behind).
+    #[error("{message}")]
+    Overloaded { message: String, retry_after_s: u64 },
     #[error("every eligible instance failed")]
     AllTargetsFailed { attempts: u32 },
     #[error("{message}")]
@@ -60,7 +64,9 @@ impl ApiError {
             ApiError::InvalidApiKey(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::ModelNotFound { .. } | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
-            ApiError::NoCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NoCapacity { .. } | ApiError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::RateLimited { .. } | ApiError::QuotaExceeded { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -81,6 +87,7 @@ impl ApiError {
             ApiError::ModelNotFound { .. } => "model_not_found",
             ApiError::ContextLengthExceeded { .. } => "context_length_exceeded",
             ApiError::NoCapacity { .. } => "no_capacity",
+            ApiError::Overloaded { .. } => "overloaded",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::QuotaExceeded { .. } => "quota_exceeded",
             ApiError::InsufficientBalance(_) => "insufficient_balance",
@@ -99,7 +106,7 @@ impl ApiError {
             | ApiError::RouteNotFound => "invalid_request_error",
             ApiError::InvalidApiKey(_) => "authentication_error",
             ApiError::Forbidden(_) => "permission_error",
-            ApiError::NoCapacity { .. } => "service_unavailable",
+            ApiError::NoCapacity { .. } | ApiError::Overloaded { .. } => "service_unavailable",
             ApiError::RateLimited { .. } | ApiError::QuotaExceeded { .. } => "rate_limit_error",
             ApiError::InsufficientBalance(_) => "insufficient_quota",
             ApiError::AllTargetsFailed { .. } | ApiError::Internal(_) => "server_error",
@@ -111,6 +118,7 @@ impl ApiError {
         matches!(
             self,
             ApiError::NoCapacity { .. }
+                | ApiError::Overloaded { .. }
                 | ApiError::AllTargetsFailed { .. }
                 | ApiError::RateLimited { .. }
                 | ApiError::QuotaExceeded { .. }
@@ -120,6 +128,7 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::NoCapacity { retry_after_s, .. }
+            | ApiError::Overloaded { retry_after_s, .. }
             | ApiError::RateLimited { retry_after_s, .. }
             | ApiError::QuotaExceeded { retry_after_s, .. } => Some(*retry_after_s),
             ApiError::AllTargetsFailed { .. } => Some(1),
@@ -208,6 +217,15 @@ mod tests {
                 "service_unavailable",
             ),
             (
+                ApiError::Overloaded {
+                    message: "behind".into(),
+                    retry_after_s: 1,
+                },
+                503,
+                "overloaded",
+                "service_unavailable",
+            ),
+            (
                 ApiError::AllTargetsFailed { attempts: 3 },
                 500,
                 "all_targets_failed",
@@ -230,6 +248,15 @@ mod tests {
         }
         .into_response();
         assert_eq!(resp.headers()[header::RETRY_AFTER], "7");
+        let overloaded = ApiError::Overloaded {
+            message: "behind".into(),
+            retry_after_s: 1,
+        };
+        assert!(overloaded.is_retryable());
+        assert_eq!(
+            overloaded.into_response().headers()[header::RETRY_AFTER],
+            "1"
+        );
         let body = ApiError::invalid("x", Some("top_p".into())).body();
         assert_eq!(body.error.param.as_deref(), Some("top_p"));
     }
