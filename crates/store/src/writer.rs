@@ -308,11 +308,12 @@ impl Writer {
     }
 
     /// Whether the writer has fallen so far behind that callers wait to
-    /// queue work: its queue is full, and the list of lingering
-    /// settlements filled before it. The API turns new requests away
-    /// while this holds, so that finished requests waiting to settle stay
-    /// bounded (a writer that gets little CPU, at [`BACKGROUND_NICE`] on a
-    /// machine kept busy by other work, would otherwise let them pile up).
+    /// queue work: its queue is full (settlements and releases fill the
+    /// lingering list, as long as the queue, before they join it). The API
+    /// turns new requests away while this holds, so that finished requests
+    /// waiting to settle stay bounded (a writer that gets little CPU, at
+    /// [`BACKGROUND_NICE`] on a machine kept busy by other work, would
+    /// otherwise let them pile up).
     pub fn backlogged(&self) -> bool {
         self.tx.is_full()
     }
