@@ -110,6 +110,13 @@ async fn validator_and_two_miner_processes_serve_requests() {
         )),
         "{metrics}"
     );
+    // The embedded store's writer threads report their hand-overs.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("sluice_ledger_handovers_total ")),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

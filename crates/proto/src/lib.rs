@@ -5,6 +5,7 @@
 
 pub mod keyfile;
 pub mod keys;
+pub mod machine;
 pub mod miner;
 pub mod openai;
 pub mod sse;

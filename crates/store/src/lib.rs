@@ -134,6 +134,13 @@ impl Store {
         self.writer.as_ref().is_some_and(|w| w.backlogged())
     }
 
+    /// Times the SQLite ledger writer's quiet thread handed the connection
+    /// to its catch-up thread or back (see `Writer::handovers`): it rises
+    /// while other work keeps the cores busy. Always 0 on PostgreSQL.
+    pub fn ledger_handovers(&self) -> u64 {
+        self.writer.as_ref().map_or(0, |w| w.handovers())
+    }
+
     /// Opens (creating if needed) the SQLite database of a data dir.
     pub async fn open_data_dir(data_dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
@@ -145,6 +152,12 @@ impl Store {
 
     /// Opens a `sqlite://` or `postgres://` URL and applies migrations.
     pub async fn open(url: &str) -> Result<Store> {
+        Store::open_with(url, writer::Relay::DEFAULT).await
+    }
+
+    /// [`Store::open`] with the SQLite writer threads handing over at
+    /// `relay`'s thresholds.
+    pub(crate) async fn open_with(url: &str, relay: writer::Relay) -> Result<Store> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
@@ -177,7 +190,9 @@ impl Store {
         }
         migrate::run(&pool, backend).await?;
         let writer = match backend {
-            Backend::Sqlite => writer::Writer::start(url)?.map(std::sync::Arc::new),
+            Backend::Sqlite => {
+                writer::Writer::start_with(url, writer::WAL_LIMIT, relay)?.map(std::sync::Arc::new)
+            }
             Backend::Postgres => None,
         };
         Ok(Store {

@@ -45,6 +45,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -57,6 +58,7 @@ use tokio::sync::oneshot;
 use crate::ledger::Settlement;
 use crate::sql::{self, Stmt};
 use crate::{now_ms, RequestRecord, Result, StoreError};
+use sluice_proto::machine::MachineTicks;
 
 /// Operations waiting for the writer, at most.
 const QUEUE: usize = 4096;
@@ -73,24 +75,44 @@ const HOLD_UNWRITTEN: Duration = Duration::from_secs(1);
 /// settlements is about a millisecond of work; a request thread woken on
 /// this core would otherwise wait for the scheduler to preempt the writer
 /// (the 95th percentile latency at concurrency 1 went from 0.7 to 0.3 ms).
+/// Only the quiet thread yields (see [`BACKGROUND_NICE`]).
 const YIELD_EVERY: usize = 2;
 /// Accounts per balance statement at the end of a batch.
 const DELTAS_PER_STATEMENT: usize = 200;
-/// The nice value of the writer and checkpointer threads (0 is the
-/// default; higher yields more readily). A batch is up to a millisecond of
-/// work, and its commit a stretch of 0.15–0.26 ms that never yields (about
-/// 70 writes of the log); a request thread woken on that core waits it
-/// out unless the scheduler preempts the writer, which it does sooner the
-/// lower the writer's weight. At 19 the writer gets little of a core
-/// that other work keeps busy: when it falls behind, the API turns new
-/// requests away ([`Writer::backlogged`]), which bounds the finished
-/// requests waiting to settle and gives the writer the CPU they took.
-/// Measured with `sluice bench gateway --no-litellm` on the twelfth
-/// machine (three interleaved pairs): Sluice's added p99 at c=1 0.204,
-/// 0.233 and 0.233 ms against 0.309, 0.279 and 0.316 at 5; c=32
-/// throughput and CPU per request the same. (At 5 against 0, on the
-/// tenth machine, `wrk -c1`: p99 lower in six and eight of eight pairs.)
+/// The nice value of the quiet writer thread and of the checkpointer (0 is
+/// the default; higher yields more readily). A batch is up to a
+/// millisecond of work, and its commit a stretch of 0.15–0.26 ms that
+/// never yields (about 70 writes of the log); a request thread woken on
+/// that core waits it out unless the scheduler preempts the writer, which
+/// it does sooner the lower the writer's weight. Measured with `sluice
+/// bench gateway --no-litellm`: on the twelfth machine (three interleaved
+/// pairs) Sluice's added p99 at c=1 was 0.204, 0.233 and 0.233 ms against
+/// 0.309, 0.279 and 0.316 at 5; on the thirteenth 0.27–0.31 against
+/// 1.6–1.7 ms at 5 or 0.
+///
+/// At 19 the thread gets about 1.5% of a core that other work keeps busy,
+/// and its yields (see [`YIELD_EVERY`]) hand that work a whole time slice
+/// each: it would settle a few requests per slice of the other work. So
+/// when it falls behind ([`HAND_OVER_AT`]) it hands the connection to a
+/// second thread at the default priority that never yields, which writes
+/// until it has kept up for [`CATCH_UP_HOLD`] with the cores idle at times
+/// ([`MIN_IDLE_PCT`]), and hands it back.
 const BACKGROUND_NICE: i32 = 19;
+/// Operations waiting (in the batch about to commit, the queue and the
+/// lingering list) from which the quiet writer thread hands the connection
+/// to the catch-up thread: before it commits that batch, or during the
+/// commit (rolled back, after a yield). Under `wrk -c32` on the
+/// thirteenth machine, with no other work, the quiet thread crossed a
+/// quarter of its queue 21 times in 15 s (and caught up by itself), half
+/// of it 11 times.
+const HAND_OVER_AT: usize = QUEUE / 2;
+/// The catch-up thread hands the connection back once it has not been
+/// behind for this long, and the cores were idle for at least
+/// [`MIN_IDLE_PCT`] of it: the quiet thread lives on idle time.
+const CATCH_UP_HOLD: Duration = Duration::from_millis(250);
+/// See [`CATCH_UP_HOLD`] (all cores' time, in percent, from `/proc/stat`;
+/// where there is none the hold alone decides).
+const MIN_IDLE_PCT: f64 = 5.0;
 /// How often the checkpointer moves the log into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// A write-ahead log past this size is copied in full and truncated by the
@@ -98,7 +120,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// the log fully copied (the writer has always appended since they began),
 /// so the log never restarts from its beginning: it grew by 17 MB a second
 /// at 12,500 requests a second, until the disk would be full.
-const WAL_LIMIT: u64 = 64 << 20;
+pub(crate) const WAL_LIMIT: u64 = 64 << 20;
 /// How long the writer's and the checkpointer's connections wait for a lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the writer looks at the log's size.
@@ -265,18 +287,16 @@ fn lock(fast: &Mutex<FastPath>) -> std::sync::MutexGuard<'_, FastPath> {
 pub(crate) struct Writer {
     tx: flume::Sender<Msg>,
     fast: Arc<Mutex<FastPath>>,
+    /// Times one writer thread handed the connection to the other.
+    handovers: Arc<AtomicU64>,
 }
 
 impl Writer {
-    /// Opens the write connection and starts the writer and checkpointer
-    /// threads. `None` for databases that are not a file.
-    pub fn start(url: &str) -> Result<Option<Writer>> {
-        Writer::start_bounded(url, WAL_LIMIT)
-    }
-
-    /// [`Writer::start`] with the write-ahead log bounded at `wal_limit`
-    /// bytes.
-    fn start_bounded(url: &str, wal_limit: u64) -> Result<Option<Writer>> {
+    /// Opens the write connection and starts the writer threads and the
+    /// checkpointer, with the write-ahead log bounded at `wal_limit` bytes
+    /// and the threads handing over at `relay`. `None` for databases that
+    /// are not a file.
+    pub fn start_with(url: &str, wal_limit: u64, relay: Relay) -> Result<Option<Writer>> {
         let Some(path) = sqlite_path(url) else {
             return Ok(None);
         };
@@ -285,7 +305,6 @@ impl Writer {
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let (tx, rx) = flume::bounded(QUEUE);
         let fast = Arc::new(Mutex::new(FastPath::default()));
-        let thread_fast = fast.clone();
         let (stop_tx, stop_rx) = std_mpsc::channel::<()>();
         let checkpoint_conn = open(&path)?;
         std::thread::Builder::new()
@@ -295,16 +314,46 @@ impl Writer {
                 checkpointer(checkpoint_conn, stop_rx)
             })
             .map_err(|e| StoreError::Invalid(format!("cannot start the checkpoint thread: {e}")))?;
-        let wal = wal_path(&path);
+        let (to_quiet, quiet_inbox) = std_mpsc::channel::<Baton>();
+        let (to_catch_up, catch_up_inbox) = std_mpsc::channel::<Baton>();
+        let baton = Baton {
+            conn,
+            pending: Pending::new(wal_path(&path), wal_limit),
+            checkpointer: stop_tx,
+        };
+        // Cannot fail: the receiver is right here.
+        let _ = to_quiet.send(baton);
+        let handovers = Arc::new(AtomicU64::new(0));
+        let quiet = Turn {
+            relay,
+            rx: rx.clone(),
+            fast: fast.clone(),
+            handovers: handovers.clone(),
+        };
+        let catch_up = Turn {
+            relay,
+            rx,
+            fast: fast.clone(),
+            handovers: handovers.clone(),
+        };
         std::thread::Builder::new()
             .name("sluice-ledger".into())
             .spawn(move || {
                 lower_priority();
-                run(conn, rx, thread_fast, wal, wal_limit);
-                drop(stop_tx);
+                write_in_turn(Role::Quiet, &quiet, &quiet_inbox, &to_catch_up);
             })
             .map_err(|e| StoreError::Invalid(format!("cannot start the ledger writer: {e}")))?;
-        Ok(Some(Writer { tx, fast }))
+        std::thread::Builder::new()
+            .name("sluice-catchup".into())
+            .spawn(move || {
+                write_in_turn(Role::CatchUp, &catch_up, &catch_up_inbox, &to_quiet);
+            })
+            .map_err(|e| StoreError::Invalid(format!("cannot start the ledger writer: {e}")))?;
+        Ok(Some(Writer {
+            tx,
+            fast,
+            handovers,
+        }))
     }
 
     /// Whether the writer has fallen so far behind that callers wait to
@@ -316,6 +365,12 @@ impl Writer {
     /// otherwise let them pile up).
     pub fn backlogged(&self) -> bool {
         self.tx.is_full()
+    }
+
+    /// Times the writer threads handed the connection to each other (see
+    /// [`BACKGROUND_NICE`]).
+    pub fn handovers(&self) -> u64 {
+        self.handovers.load(Ordering::Relaxed)
     }
 
     /// Holds `amount` for a request: on this thread when the user's
@@ -451,9 +506,60 @@ fn open(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-struct State<'c> {
-    db: Prepared<'c>,
+/// Which of the two writer threads runs the loop (see
+/// [`BACKGROUND_NICE`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Role {
+    /// At [`BACKGROUND_NICE`], yielding between items: writes while it
+    /// keeps up.
+    Quiet,
+    /// At the default priority, never yielding: writes while the quiet
+    /// thread would be behind.
+    CatchUp,
+    /// The other thread is gone: writes to the end without handing over.
+    Alone,
+}
+
+/// When the writer threads hand the connection to each other.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Relay {
+    /// Operations waiting (see [`HAND_OVER_AT`]) from which the writer is
+    /// behind.
+    pub behind_at: usize,
+    /// How long the catch-up thread keeps writing after it was last behind.
+    pub hold: Duration,
+    /// The cores' idle time over that hold, in percent, from which the
+    /// catch-up thread hands back.
+    pub min_idle_pct: f64,
+}
+
+impl Relay {
+    pub const DEFAULT: Relay = Relay {
+        behind_at: HAND_OVER_AT,
+        hold: CATCH_UP_HOLD,
+        min_idle_pct: MIN_IDLE_PCT,
+    };
+}
+
+/// What each writer thread works with, whichever holds the baton.
+struct Turn {
+    relay: Relay,
+    rx: flume::Receiver<Msg>,
     fast: Arc<Mutex<FastPath>>,
+    handovers: Arc<AtomicU64>,
+}
+
+/// What the writing thread holds, and hands to the other between batches.
+struct Baton {
+    conn: Connection,
+    pending: Pending,
+    /// Dropped when the writing ends, which stops the checkpointer.
+    checkpointer: std_mpsc::Sender<()>,
+}
+
+/// The writer's state but its prepared statements (which borrow the
+/// connection and stay on their thread): what one thread hands the other.
+struct Pending {
     batch: Vec<Work>,
     /// Granted reservations without a row yet, by request id.
     unwritten: HashMap<String, HoldRow>,
@@ -471,48 +577,125 @@ struct State<'c> {
     wal_next_check: Instant,
 }
 
-fn run(
-    conn: Connection,
-    rx: flume::Receiver<Msg>,
+impl Pending {
+    fn new(wal: PathBuf, wal_limit: u64) -> Pending {
+        Pending {
+            batch: Vec::with_capacity(BATCH),
+            unwritten: HashMap::new(),
+            held: HashMap::new(),
+            deadline: None,
+            now: false,
+            wal,
+            wal_limit,
+            wal_next_check: Instant::now() + WAL_CHECK_EVERY,
+        }
+    }
+}
+
+struct State<'c> {
+    db: Prepared<'c>,
     fast: Arc<Mutex<FastPath>>,
-    wal: PathBuf,
-    wal_limit: u64,
+    role: Role,
+    p: Pending,
+}
+
+/// Operations waiting for the writer: queued, and lingering for the next
+/// batch.
+fn waiting(rx: &flume::Receiver<Msg>, fast: &Mutex<FastPath>) -> usize {
+    rx.len() + lock(fast).lingering.len()
+}
+
+/// Runs the writer's loop whenever this thread holds the baton, and hands
+/// the baton to the other thread when [`run`] says so. Returns once the
+/// writing has ended (every handle dropped, everything committed) on
+/// either thread.
+fn write_in_turn(
+    mut role: Role,
+    turn: &Turn,
+    inbox: &std_mpsc::Receiver<Baton>,
+    other: &std_mpsc::Sender<Baton>,
 ) {
-    let mut st = State {
-        wal,
-        wal_limit,
-        wal_next_check: Instant::now() + WAL_CHECK_EVERY,
-        db: Prepared::new(&conn),
-        fast,
-        batch: Vec::with_capacity(BATCH),
-        unwritten: HashMap::new(),
-        held: HashMap::new(),
-        deadline: None,
-        now: false,
-    };
+    let mut kept = None;
     loop {
-        let next = if st.batch.is_empty() && st.deadline.is_none() && !st.now {
+        let baton = match kept.take() {
+            Some(b) => b,
+            // Closed: the other thread ended the writing.
+            None => match inbox.recv() {
+                Ok(b) => b,
+                Err(_) => return,
+            },
+        };
+        let Baton {
+            conn,
+            pending,
+            checkpointer,
+        } = baton;
+        let Some(pending) = run(&conn, &turn.rx, &turn.fast, role, turn.relay, pending) else {
+            // The connection closes before the checkpointer's last copy.
+            drop(conn);
+            drop(checkpointer);
+            return;
+        };
+        let baton = Baton {
+            conn,
+            pending,
+            checkpointer,
+        };
+        match other.send(baton) {
+            Ok(()) => {
+                turn.handovers.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(?role, "ledger writer handed over");
+            }
+            Err(std_mpsc::SendError(baton)) => {
+                tracing::warn!(
+                    ?role,
+                    "the other ledger writer thread is gone; writing alone"
+                );
+                role = Role::Alone;
+                kept = Some(baton);
+            }
+        }
+    }
+}
+
+/// Runs the writer's loop on this thread. `Some` with the state to hand
+/// to the other thread when `role` and `relay` say it should write now;
+/// `None` once every handle is gone and everything is committed.
+fn run(
+    conn: &Connection,
+    rx: &flume::Receiver<Msg>,
+    fast: &Arc<Mutex<FastPath>>,
+    role: Role,
+    relay: Relay,
+    pending: Pending,
+) -> Option<Pending> {
+    let mut st = State::resume(conn, fast.clone(), role, pending);
+    // The catch-up thread's window: since when it has not been behind, and
+    // the cores' counters then.
+    let mut window = (Instant::now(), MachineTicks::now());
+    loop {
+        let next = if st.p.batch.is_empty() && st.p.deadline.is_none() && !st.p.now {
             match rx.recv_timeout(SWEEP) {
                 Ok(msg) => Some(msg),
                 Err(flume::RecvTimeoutError::Timeout) => {
                     st.take_from_callers();
-                    st.commit();
+                    st.commit(&|| false);
                     continue;
                 }
                 Err(flume::RecvTimeoutError::Disconnected) => {
                     st.take_from_callers();
-                    st.commit();
+                    st.commit(&|| false);
                     // A failed detached settlement left its request's row.
-                    st.commit();
-                    return;
+                    st.commit(&|| false);
+                    return None;
                 }
             }
-        } else if st.batch.len() >= BATCH {
+        } else if st.p.batch.len() >= BATCH {
             None
-        } else if st.now {
+        } else if st.p.now {
             rx.try_recv().ok()
         } else {
-            match st.deadline {
+            match st.p.deadline {
                 Some(d) => rx.recv_deadline(d).ok(),
                 None => rx.try_recv().ok(),
             }
@@ -525,13 +708,61 @@ fn run(
             Some(Msg::Linger) => st.linger(),
             None => {
                 st.take_from_callers();
-                st.commit();
+                // Before the commit: a quiet thread that is behind leaves
+                // this batch to the catch-up thread too.
+                if st.role == Role::Quiet && st.behind(rx, relay) {
+                    return Some(st.suspend());
+                }
+                // And during it, between two yields.
+                let fast = st.fast.clone();
+                if !st.commit(&|| waiting(rx, &fast) >= relay.behind_at) {
+                    return Some(st.suspend());
+                }
+                // After it: every turn of the catch-up thread commits.
+                if st.role == Role::CatchUp {
+                    let now = Instant::now();
+                    if st.behind(rx, relay) {
+                        window = (now, MachineTicks::now());
+                    } else if now.duration_since(window.0) >= relay.hold {
+                        let ticks = MachineTicks::now();
+                        let idle = window
+                            .1
+                            .zip(ticks)
+                            .and_then(|(then, now)| then.idle_pct_until(&now));
+                        if idle.is_none_or(|pct| pct >= relay.min_idle_pct) {
+                            return Some(st.suspend());
+                        }
+                        // Other work keeps the cores busy: the quiet
+                        // thread would fall behind again at once.
+                        window = (now, ticks);
+                    }
+                }
             }
         }
     }
 }
 
-impl State<'_> {
+impl<'c> State<'c> {
+    fn resume(conn: &'c Connection, fast: Arc<Mutex<FastPath>>, role: Role, p: Pending) -> Self {
+        State {
+            db: Prepared::new(conn),
+            fast,
+            role,
+            p,
+        }
+    }
+
+    /// The state to hand over; the prepared statements end here.
+    fn suspend(self) -> Pending {
+        self.p
+    }
+
+    /// Whether the writer is behind: `relay.behind_at` operations or more
+    /// wait, in its batch and for it.
+    fn behind(&self, rx: &flume::Receiver<Msg>, relay: Relay) -> bool {
+        self.p.batch.len() + waiting(rx, &self.fast) >= relay.behind_at
+    }
+
     /// Takes what callers left without a message: reservations granted on
     /// their threads (first: a settlement closes its reservation) and
     /// lingering settlements and releases.
@@ -563,16 +794,16 @@ impl State<'_> {
 
     /// Counts a granted reservation as held until it is written or closed.
     fn hold(&mut self, h: HoldRow) {
-        *self.held.entry(h.user_id.clone()).or_insert(0) += h.amount;
-        self.unwritten.insert(h.request_id.clone(), h);
+        *self.p.held.entry(h.user_id.clone()).or_insert(0) += h.amount;
+        self.p.unwritten.insert(h.request_id.clone(), h);
     }
 
     /// No longer counts `amount` as held for `user_id`.
     fn unhold(&mut self, user_id: &str, amount: i64) {
-        if let Some(h) = self.held.get_mut(user_id) {
+        if let Some(h) = self.p.held.get_mut(user_id) {
             *h -= amount;
             if *h <= 0 {
-                self.held.remove(user_id);
+                self.p.held.remove(user_id);
             }
         }
     }
@@ -580,7 +811,7 @@ impl State<'_> {
     /// Starts the batch clock for lingering operations.
     fn linger(&mut self) {
         let until = Instant::now() + LINGER;
-        self.deadline = Some(self.deadline.map_or(until, |d| d.min(until)));
+        self.p.deadline = Some(self.p.deadline.map_or(until, |d| d.min(until)));
     }
 
     fn accept(&mut self, job: Job) {
@@ -599,7 +830,7 @@ impl State<'_> {
                     .balance(user_id)
                     .map(|(ledger, reserved)| Reply::Balance {
                         ledger,
-                        reserved: reserved + self.held.get(user_id).copied().unwrap_or(0),
+                        reserved: reserved + self.p.held.get(user_id).copied().unwrap_or(0),
                     });
                 job.answer(result);
             }
@@ -612,13 +843,13 @@ impl State<'_> {
                     Op::Release { request_id } => Some(request_id.as_str()),
                     _ => None,
                 };
-                let unwritten = closes.and_then(|id| self.unwritten.remove(id));
+                let unwritten = closes.and_then(|id| self.p.unwritten.remove(id));
                 if op.may_linger() {
                     self.linger();
                 } else {
-                    self.now = true;
+                    self.p.now = true;
                 }
-                self.batch.push(Work::Job {
+                self.p.batch.push(Work::Job {
                     job: Box::new(job),
                     unwritten,
                 });
@@ -649,7 +880,7 @@ impl State<'_> {
         let shared = self.fast.clone();
         let mut fast = lock(&shared);
         self.absorb_holds(&mut fast);
-        let held = self.held.get(user_id).copied().unwrap_or(0);
+        let held = self.p.held.get(user_id).copied().unwrap_or(0);
         let available = ledger - reserved - held;
         if available < amount {
             publish(&mut fast, user_id, available);
@@ -662,17 +893,25 @@ impl State<'_> {
 
     /// Writes the rows of reservations open for [`HOLD_UNWRITTEN`] (after
     /// the batch's work, which may close some of them) and commits.
-    fn commit(&mut self) {
+    ///
+    /// The quiet thread yields between items and asks `give_up` after each
+    /// yield: when it says so, the batch is rolled back and kept (to commit
+    /// as soon as possible, on the other thread) and the answer is false.
+    fn commit(&mut self, give_up: &dyn Fn() -> bool) -> bool {
         let cutoff = now_ms() - HOLD_UNWRITTEN.as_millis() as i64;
-        let aged = self.unwritten.extract_if(|_, h| h.created_ms <= cutoff);
-        self.batch.extend(aged.map(|(_, h)| Work::Hold(h)));
-        self.deadline = None;
-        self.now = false;
-        if self.batch.is_empty() {
-            return;
+        let aged = self.p.unwritten.extract_if(|_, h| h.created_ms <= cutoff);
+        self.p.batch.extend(aged.map(|(_, h)| Work::Hold(h)));
+        self.p.deadline = None;
+        self.p.now = false;
+        if self.p.batch.is_empty() {
+            return true;
         }
-        let results = commit_batch(&mut self.db, &self.batch);
-        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+        let quiet = (self.role == Role::Quiet).then_some(give_up);
+        let Some(results) = commit_batch(&mut self.db, &self.p.batch, quiet) else {
+            self.p.now = true;
+            return false;
+        };
+        let batch = std::mem::replace(&mut self.p.batch, Vec::with_capacity(BATCH));
         for (work, result) in batch.into_iter().zip(results) {
             match work {
                 Work::Job { job, unwritten } => {
@@ -681,17 +920,17 @@ impl State<'_> {
                             self.unhold(&h.user_id, h.amount);
                         } else {
                             // Still open: it may be settled or released again.
-                            self.unwritten.insert(h.request_id.clone(), h);
+                            self.p.unwritten.insert(h.request_id.clone(), h);
                         }
                     }
                     if job.reply.is_some() {
                         job.answer(result);
                     } else if let Some(retry) = report_detached(job.op, result) {
-                        self.batch.push(Work::Job {
+                        self.p.batch.push(Work::Job {
                             job: Box::new(retry),
                             unwritten: None,
                         });
-                        self.now = true;
+                        self.p.now = true;
                     }
                 }
                 Work::Hold(h) => {
@@ -705,9 +944,14 @@ impl State<'_> {
             }
         }
         let started = Instant::now();
-        if started >= self.wal_next_check {
+        if started >= self.p.wal_next_check {
             let mut next = WAL_CHECK_EVERY;
-            match bound_wal(self.db.conn, &self.wal, self.wal_limit, WAL_RESTART_WAIT) {
+            match bound_wal(
+                self.db.conn,
+                &self.p.wal,
+                self.p.wal_limit,
+                WAL_RESTART_WAIT,
+            ) {
                 Ok(WalBound::Under) => {}
                 Ok(WalBound::Truncated { from }) => tracing::debug!(
                     bytes = from,
@@ -726,8 +970,9 @@ impl State<'_> {
                     tracing::warn!(error = %e, "could not truncate the write-ahead log");
                 }
             }
-            self.wal_next_check = Instant::now() + next;
+            self.p.wal_next_check = Instant::now() + next;
         }
+        true
     }
 }
 
@@ -796,35 +1041,68 @@ fn report_detached(op: Op, result: Result<Reply>) -> Option<Job> {
 }
 
 /// Runs a batch in one transaction; every item gets its own result, or
-/// the commit's error when the commit fails.
-fn commit_batch(db: &mut Prepared<'_>, batch: &[Work]) -> Vec<Result<Reply>> {
+/// the commit's error when the commit fails. `None` when `quiet` gave up
+/// (see [`run_batch`]): nothing committed.
+fn commit_batch(
+    db: &mut Prepared<'_>,
+    batch: &[Work],
+    quiet: Option<&dyn Fn() -> bool>,
+) -> Option<Vec<Result<Reply>>> {
     // Items rarely fail: run the batch plainly first, and only when one
     // fails roll it all back and run it again with a savepoint per item
     // (two more statements per item, on every batch otherwise).
-    match run_batch(db, batch, false) {
-        Some(results) => results,
-        None => run_batch(db, batch, true).unwrap_or_else(|| {
-            batch
-                .iter()
-                .map(|_| Err(StoreError::Invalid("ledger batch failed".into())))
-                .collect()
-        }),
+    match run_batch(db, batch, false, quiet) {
+        Ran::Done(results) => Some(results),
+        Ran::GaveUp => None,
+        Ran::ItemFailed => match run_batch(db, batch, true, quiet) {
+            Ran::Done(results) => Some(results),
+            Ran::GaveUp => None,
+            Ran::ItemFailed => Some(
+                batch
+                    .iter()
+                    .map(|_| Err(StoreError::Invalid("ledger batch failed".into())))
+                    .collect(),
+            ),
+        },
     }
 }
 
+/// How a batch's transaction ended.
+enum Ran {
+    /// Committed, or its commit failed: each item's result.
+    Done(Vec<Result<Reply>>),
+    /// An item failed without `isolate`: everything rolled back.
+    ItemFailed,
+    /// The quiet thread gave up: everything rolled back.
+    GaveUp,
+}
+
 /// One transaction over the batch. Without `isolate`, the first failing
-/// item rolls everything back and the answer is `None`.
-fn run_batch(db: &mut Prepared<'_>, batch: &[Work], isolate: bool) -> Option<Vec<Result<Reply>>> {
+/// item rolls everything back. With `quiet`, the thread yields every
+/// [`YIELD_EVERY`] items and rolls everything back when `quiet` says so
+/// after a yield.
+fn run_batch(
+    db: &mut Prepared<'_>,
+    batch: &[Work],
+    isolate: bool,
+    quiet: Option<&dyn Fn() -> bool>,
+) -> Ran {
     if let Err(e) = db.run("BEGIN IMMEDIATE") {
-        return Some(batch.iter().map(|_| Err(failed(&e))).collect());
+        return Ran::Done(batch.iter().map(|_| Err(failed(&e))).collect());
     }
     let mut results = Vec::with_capacity(batch.len());
     // Plainly, the balance changes of the whole batch are summed and
     // written once per account at its end.
     let mut deltas: HashMap<String, i64> = HashMap::new();
     for (i, work) in batch.iter().enumerate() {
-        if i % YIELD_EVERY == YIELD_EVERY - 1 {
-            std::thread::yield_now();
+        if let Some(give_up) = quiet {
+            if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                std::thread::yield_now();
+                if give_up() {
+                    db.rollback();
+                    return Ran::GaveUp;
+                }
+            }
         }
         let result = if isolate {
             match db.run("SAVEPOINT item") {
@@ -842,7 +1120,7 @@ fn run_batch(db: &mut Prepared<'_>, batch: &[Work], isolate: bool) -> Option<Vec
                         {
                             tracing::error!(error = %e, "could not roll a ledger item back");
                             db.rollback();
-                            return None;
+                            return Ran::ItemFailed;
                         }
                     }
                     applied
@@ -854,7 +1132,7 @@ fn run_batch(db: &mut Prepared<'_>, batch: &[Work], isolate: bool) -> Option<Vec
                 Ok(reply) => Ok(reply),
                 Err(_) => {
                     db.rollback();
-                    return None;
+                    return Ran::ItemFailed;
                 }
             }
         };
@@ -867,10 +1145,10 @@ fn run_batch(db: &mut Prepared<'_>, batch: &[Work], isolate: bool) -> Option<Vec
     {
         if db.exec(&stmt).is_err() {
             db.rollback();
-            return None;
+            return Ran::ItemFailed;
         }
     }
-    Some(match db.run("COMMIT") {
+    Ran::Done(match db.run("COMMIT") {
         Ok(()) => results,
         Err(e) => {
             tracing::error!(error = %e, "ledger batch commit failed");
@@ -1161,7 +1439,9 @@ mod tests {
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
         // The schema, by the store's own migrations.
         crate::Store::open(&url).await.unwrap().close().await;
-        let writer = Writer::start_bounded(&url, 32 * 1024).unwrap().unwrap();
+        let writer = Writer::start_with(&url, 32 * 1024, super::Relay::DEFAULT)
+            .unwrap()
+            .unwrap();
         let wal = wal_path(&dir.path().join("s.db"));
         let (mut largest, mut shrank, mut taken) = (0, false, 0);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -1214,15 +1494,18 @@ mod tests {
         found
     }
 
-    /// The writer and the checkpointer run at a lower priority than the
-    /// request threads (see `BACKGROUND_NICE`), and still commit.
+    /// The quiet writer and the checkpointer run at a lower priority than
+    /// the request threads (see `BACKGROUND_NICE`), and still commit; the
+    /// catch-up writer keeps the priority it was started with.
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn the_ledger_threads_yield_to_request_threads() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
         crate::Store::open(&url).await.unwrap().close().await;
-        let writer = Writer::start(&url).unwrap().unwrap();
+        let writer = Writer::start_with(&url, super::WAL_LIMIT, super::Relay::DEFAULT)
+            .unwrap()
+            .unwrap();
         let op = Op::TakeDaily {
             key_id: "k".into(),
             day: "2026-11-28".into(),
@@ -1233,6 +1516,13 @@ mod tests {
             writer.call(op).await.unwrap(),
             Reply::Daily(Some(1))
         ));
+        let mine = rustix::process::getpriority_process(None).unwrap();
+        let catch_up = nice_of("sluice-catchup");
+        assert!(!catch_up.is_empty());
+        assert!(
+            catch_up.iter().all(|n| *n == mine),
+            "{catch_up:?}, not {mine}"
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let (ledger, checkpoint) = (nice_of("sluice-ledger"), nice_of("sluice-checkpoi"));
@@ -1264,7 +1554,11 @@ mod tests {
         let path = dir.path().join("s.db");
         let url = format!("sqlite://{}?mode=rwc", path.display());
         crate::Store::open(&url).await.unwrap().close().await;
-        let writer = std::sync::Arc::new(Writer::start(&url).unwrap().unwrap());
+        let writer = std::sync::Arc::new(
+            Writer::start_with(&url, super::WAL_LIMIT, super::Relay::DEFAULT)
+                .unwrap()
+                .unwrap(),
+        );
         assert!(!writer.backlogged());
         let blocker = Connection::open(&path).unwrap();
         blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
@@ -1287,6 +1581,196 @@ mod tests {
             assert!(matches!(op.await.unwrap().unwrap(), Reply::Done));
         }
         assert!(!writer.backlogged());
+    }
+
+    /// With thresholds that make the writer threads hand the connection
+    /// to each other between nearly every two batches, every operation is
+    /// still answered once and committed once: daily units taken from
+    /// many tasks add up, and reservations and settlements balance.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn operations_survive_hand_overs_between_the_writer_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        crate::Store::open(&url).await.unwrap().close().await;
+        // The quiet thread hands over at every commit, the catch-up thread
+        // back whenever its queue is empty.
+        let relay = super::Relay {
+            behind_at: 1,
+            hold: Duration::ZERO,
+            min_idle_pct: 0.0,
+        };
+        let writer = std::sync::Arc::new(
+            Writer::start_with(&url, super::WAL_LIMIT, relay)
+                .unwrap()
+                .unwrap(),
+        );
+        const TASKS: usize = 64;
+        const EACH: usize = 40;
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let w = writer.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut last = 0;
+                for _ in 0..EACH {
+                    let op = Op::TakeDaily {
+                        key_id: format!("k{}", t % 8),
+                        day: "2026-11-28".into(),
+                        limit: i64::MAX,
+                    };
+                    match w.call(op).await.unwrap() {
+                        Reply::Daily(Some(used)) => {
+                            assert!(used > last, "{used} after {last}");
+                            last = used;
+                        }
+                        other => panic!("{other:?}"),
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(matches!(writer.call(Op::Flush).await.unwrap(), Reply::Done));
+        let handovers = writer.handovers();
+        eprintln!("{handovers} hand-overs");
+        assert!(handovers >= 2, "only {handovers} hand-overs");
+        let conn = Connection::open(&path).unwrap();
+        let mut st = conn
+            .prepare("SELECT key_id, used FROM daily_counters ORDER BY key_id")
+            .unwrap();
+        let rows: Vec<(String, i64)> = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(rows.len(), 8);
+        for (key, used) in rows {
+            assert_eq!(used, (TASKS / 8 * EACH) as i64, "{key}");
+        }
+    }
+
+    /// Reservations, settlements and releases from many tasks, with the
+    /// writer threads handing the connection (and the reservations granted
+    /// and not yet written) to each other between nearly every two
+    /// batches: the ledger balances, every settled request is charged
+    /// once, and nothing stays reserved.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn money_survives_hand_overs_between_the_writer_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
+        // The quiet thread hands over at every commit, the catch-up thread
+        // back whenever its queue is empty.
+        let relay = super::Relay {
+            behind_at: 1,
+            hold: Duration::ZERO,
+            min_idle_pct: 0.0,
+        };
+        let store = crate::Store::open_with(&url, relay).await.unwrap();
+        let user = store.create_user("p", "paid").await.unwrap();
+        const FUNDS: i64 = 1_000_000;
+        store.add_funds(&user, FUNDS).await.unwrap();
+        // Each task's requests one after another: every settlement waits
+        // for a commit, so there are many batches to hand over between.
+        const TASKS: usize = 30;
+        const ROUNDS: usize = 20;
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let (store, user) = (store.clone(), user.clone());
+                tokio::spawn(async move {
+                    let mut settled = 0;
+                    for r in 0..ROUNDS {
+                        let id = format!("r{t}-{r}");
+                        assert!(store.reserve(&id, &user, 7, "o").await.unwrap());
+                        if (t + r) % 3 == 0 {
+                            store.release(&id).await.unwrap();
+                            continue;
+                        }
+                        let s = Settlement {
+                            request_id: id,
+                            user_id: user.clone(),
+                            user_pays: true,
+                            cost: 5,
+                            credits: vec![("m".into(), 4)],
+                            fee: 1,
+                        };
+                        assert!(store.settle(&s).await.unwrap());
+                        // Settled once only.
+                        assert!(!store.settle(&s).await.unwrap());
+                        settled += 1;
+                    }
+                    settled
+                })
+            })
+            .collect();
+        let mut settled = 0;
+        for t in tasks {
+            settled += t.await.unwrap();
+        }
+        let handovers = store.ledger_handovers();
+        eprintln!("{handovers} hand-overs");
+        assert!(handovers >= 10, "only {handovers} hand-overs");
+        let check = store.ledger_check().await.unwrap();
+        assert!(check.is_balanced(), "{check:?}");
+        assert_eq!(check.settlements, settled);
+        assert_eq!(check.user_debits, 5 * settled);
+        assert_eq!(check.open_reservations, 0);
+        let bal = store.balance(&user).await.unwrap();
+        assert_eq!(bal.ledger, FUNDS - 5 * settled);
+        assert_eq!(bal.reserved, 0);
+        store.close().await;
+    }
+
+    /// A quiet thread that gives up during a batch (it fell behind) rolls
+    /// all of it back: nothing of it is written, and the same batch
+    /// commits in full afterwards, on whichever thread.
+    #[tokio::test]
+    async fn a_batch_given_up_midway_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        crate::Store::open(&url).await.unwrap().close().await;
+        let conn = super::open(&path).unwrap();
+        let batch: Vec<super::Work> = (0..10)
+            .map(|i| super::Work::Job {
+                job: Box::new(super::Job {
+                    op: Op::TakeDaily {
+                        key_id: format!("k{i}"),
+                        day: "2026-11-28".into(),
+                        limit: 5,
+                    },
+                    reply: None,
+                }),
+                unwritten: None,
+            })
+            .collect();
+        let rows = |conn: &Connection| -> i64 {
+            conn.query_row("SELECT COUNT(*) FROM daily_counters", [], |r| r.get(0))
+                .unwrap()
+        };
+        let mut db = Prepared::new(&conn);
+        let asked = std::cell::Cell::new(0);
+        let give_up = || {
+            asked.set(asked.get() + 1);
+            asked.get() >= 3
+        };
+        assert!(matches!(
+            super::run_batch(&mut db, &batch, false, Some(&give_up)),
+            super::Ran::GaveUp
+        ));
+        assert_eq!(asked.get(), 3, "asked after every yield until it gave up");
+        assert!(conn.is_autocommit());
+        assert_eq!(rows(&conn), 0);
+        assert_eq!(
+            super::commit_batch(&mut db, &batch, Some(&|| true)).map(|r| r.len()),
+            None
+        );
+        assert_eq!(rows(&conn), 0);
+        let results = super::commit_batch(&mut db, &batch, Some(&|| false)).unwrap();
+        assert!(results
+            .iter()
+            .all(|r| matches!(r, Ok(Reply::Daily(Some(1))))));
+        assert_eq!(rows(&conn), 10);
     }
 
     fn entries_count(conn: &Connection) -> i64 {

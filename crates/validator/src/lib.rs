@@ -223,6 +223,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
             gate.waiting() as f64,
         );
     }
+    state.metrics.set(
+        "sluice_ledger_handovers_total",
+        &[],
+        state.store.ledger_handovers() as f64,
+    );
     (
         [(
             axum::http::header::CONTENT_TYPE,

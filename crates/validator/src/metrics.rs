@@ -139,6 +139,11 @@ const HELP: &[(&str, &str, &str)] = &[
         "gauge",
         "Requests waiting for capacity per model.",
     ),
+    (
+        "sluice_ledger_handovers_total",
+        "counter",
+        "Times the embedded store's ledger writer handed its connection between its quiet and catch-up threads (rises while other work keeps the cores busy).",
+    ),
 ];
 
 #[derive(Default)]
