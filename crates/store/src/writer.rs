@@ -1,7 +1,9 @@
-//! The SQLite ledger writer: one thread owns a write connection and
-//! commits the per-request writes (reservations, settlements, request
-//! rows, daily quota units) in batches, one transaction per batch
-//! ("group commit").
+//! The SQLite ledger writer: one write connection commits the
+//! per-request writes (reservations, settlements, request rows, daily
+//! quota units) in batches, one transaction per batch ("group commit").
+//! Two threads take turns with it, one at a time: a quiet one at a low
+//! priority, and a catch-up one for when the quiet one falls behind (see
+//! [`BACKGROUND_NICE`]).
 //!
 //! Why: through sqlx every statement is a round trip to its SQLite worker
 //! thread, and a settlement is eight of them; the thread hand-offs and a
@@ -360,9 +362,10 @@ impl Writer {
     /// queue work: its queue is full (settlements and releases fill the
     /// lingering list, as long as the queue, before they join it). The API
     /// turns new requests away while this holds, so that finished requests
-    /// waiting to settle stay bounded (a writer that gets little CPU, at
-    /// [`BACKGROUND_NICE`] on a machine kept busy by other work, would
-    /// otherwise let them pile up).
+    /// waiting to settle stay bounded (a writer that gets too little CPU, or
+    /// waits for a lock another process holds, would otherwise let them
+    /// pile up). The catch-up thread (see [`BACKGROUND_NICE`]) takes over
+    /// long before, at half the queue.
     pub fn backlogged(&self) -> bool {
         self.tx.is_full()
     }
@@ -523,9 +526,11 @@ enum Role {
 /// When the writer threads hand the connection to each other.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Relay {
-    /// Operations waiting (see [`HAND_OVER_AT`]) from which the writer is
-    /// behind.
+    /// Operations waiting (see [`HAND_OVER_AT`]) from which the quiet
+    /// thread is behind.
     pub behind_at: usize,
+    /// Operations waiting below which the catch-up thread has kept up.
+    pub kept_up_below: usize,
     /// How long the catch-up thread keeps writing after it was last behind.
     pub hold: Duration,
     /// The cores' idle time over that hold, in percent, from which the
@@ -536,6 +541,7 @@ pub(crate) struct Relay {
 impl Relay {
     pub const DEFAULT: Relay = Relay {
         behind_at: HAND_OVER_AT,
+        kept_up_below: HAND_OVER_AT,
         hold: CATCH_UP_HOLD,
         min_idle_pct: MIN_IDLE_PCT,
     };
@@ -670,9 +676,9 @@ fn run(
     pending: Pending,
 ) -> Option<Pending> {
     let mut st = State::resume(conn, fast.clone(), role, pending);
-    // The catch-up thread's window: since when it has not been behind, and
-    // the cores' counters then.
-    let mut window = (Instant::now(), MachineTicks::now());
+    // The catch-up thread's window: since when it has kept up, and the
+    // cores' counters then (`None` while it is behind).
+    let mut window: Option<(Instant, Option<MachineTicks>)> = None;
     loop {
         let next = if st.p.batch.is_empty() && st.p.deadline.is_none() && !st.p.now {
             match rx.recv_timeout(SWEEP) {
@@ -710,7 +716,7 @@ fn run(
                 st.take_from_callers();
                 // Before the commit: a quiet thread that is behind leaves
                 // this batch to the catch-up thread too.
-                if st.role == Role::Quiet && st.behind(rx, relay) {
+                if st.role == Role::Quiet && st.backlog(rx) >= relay.behind_at {
                     return Some(st.suspend());
                 }
                 // And during it, between two yields.
@@ -720,21 +726,24 @@ fn run(
                 }
                 // After it: every turn of the catch-up thread commits.
                 if st.role == Role::CatchUp {
-                    let now = Instant::now();
-                    if st.behind(rx, relay) {
-                        window = (now, MachineTicks::now());
-                    } else if now.duration_since(window.0) >= relay.hold {
-                        let ticks = MachineTicks::now();
-                        let idle = window
-                            .1
-                            .zip(ticks)
-                            .and_then(|(then, now)| then.idle_pct_until(&now));
-                        if idle.is_none_or(|pct| pct >= relay.min_idle_pct) {
-                            return Some(st.suspend());
+                    if st.backlog(rx) >= relay.kept_up_below {
+                        window = None;
+                    } else {
+                        let now = Instant::now();
+                        let (since, then) =
+                            *window.get_or_insert_with(|| (now, MachineTicks::now()));
+                        if now.duration_since(since) >= relay.hold {
+                            let ticks = MachineTicks::now();
+                            let idle = then
+                                .zip(ticks)
+                                .and_then(|(then, now)| then.idle_pct_until(&now));
+                            if idle.is_none_or(|pct| pct >= relay.min_idle_pct) {
+                                return Some(st.suspend());
+                            }
+                            // Other work keeps the cores busy: the quiet
+                            // thread would fall behind again.
+                            window = Some((now, ticks));
                         }
-                        // Other work keeps the cores busy: the quiet
-                        // thread would fall behind again at once.
-                        window = (now, ticks);
                     }
                 }
             }
@@ -757,10 +766,9 @@ impl<'c> State<'c> {
         self.p
     }
 
-    /// Whether the writer is behind: `relay.behind_at` operations or more
-    /// wait, in its batch and for it.
-    fn behind(&self, rx: &flume::Receiver<Msg>, relay: Relay) -> bool {
-        self.p.batch.len() + waiting(rx, &self.fast) >= relay.behind_at
+    /// Operations waiting, in the batch and for it.
+    fn backlog(&self, rx: &flume::Receiver<Msg>) -> usize {
+        self.p.batch.len() + waiting(rx, &self.fast)
     }
 
     /// Takes what callers left without a message: reservations granted on
@@ -1593,10 +1601,11 @@ mod tests {
         let path = dir.path().join("s.db");
         let url = format!("sqlite://{}?mode=rwc", path.display());
         crate::Store::open(&url).await.unwrap().close().await;
-        // The quiet thread hands over at every commit, the catch-up thread
-        // back whenever its queue is empty.
+        // The quiet thread hands over before every commit, the catch-up
+        // thread back after every commit.
         let relay = super::Relay {
             behind_at: 1,
+            kept_up_below: usize::MAX,
             hold: Duration::ZERO,
             min_idle_pct: 0.0,
         };
@@ -1634,7 +1643,7 @@ mod tests {
         assert!(matches!(writer.call(Op::Flush).await.unwrap(), Reply::Done));
         let handovers = writer.handovers();
         eprintln!("{handovers} hand-overs");
-        assert!(handovers >= 2, "only {handovers} hand-overs");
+        assert!(handovers >= 10, "only {handovers} hand-overs");
         let conn = Connection::open(&path).unwrap();
         let mut st = conn
             .prepare("SELECT key_id, used FROM daily_counters ORDER BY key_id")
@@ -1659,10 +1668,11 @@ mod tests {
     async fn money_survives_hand_overs_between_the_writer_threads() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
-        // The quiet thread hands over at every commit, the catch-up thread
-        // back whenever its queue is empty.
+        // The quiet thread hands over before every commit, the catch-up
+        // thread back after every commit.
         let relay = super::Relay {
             behind_at: 1,
+            kept_up_below: usize::MAX,
             hold: Duration::ZERO,
             min_idle_pct: 0.0,
         };
