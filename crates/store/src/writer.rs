@@ -89,7 +89,7 @@ const DELTAS_PER_STATEMENT: usize = 200;
 /// it does sooner the lower the writer's weight. Measured with `sluice
 /// bench gateway --no-litellm`: on the twelfth machine (three interleaved
 /// pairs) Sluice's added p99 at c=1 was 0.204, 0.233 and 0.233 ms against
-/// 0.309, 0.279 and 0.316 at 5; on the thirteenth 0.27–0.31 against
+/// 0.309, 0.279 and 0.316 at 5; on the thirteenth 0.26–0.31 against
 /// 1.6–1.7 ms at 5 or 0.
 ///
 /// At 19 the thread gets about 1.5% of a core that other work keeps busy,
