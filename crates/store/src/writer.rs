@@ -1443,14 +1443,11 @@ mod tests {
     /// commits, and loses nothing doing so.
     #[tokio::test]
     async fn the_writer_truncates_its_log_past_the_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
-        // The schema, by the store's own migrations.
-        crate::Store::open(&url).await.unwrap().close().await;
+        let (_dir, path, url) = migrated_db().await;
         let writer = Writer::start_with(&url, 32 * 1024, super::Relay::DEFAULT)
             .unwrap()
             .unwrap();
-        let wal = wal_path(&dir.path().join("s.db"));
+        let wal = wal_path(&path);
         let (mut largest, mut shrank, mut taken) = (0, false, 0);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !shrank || taken < 50 {
@@ -1478,11 +1475,22 @@ mod tests {
             "the log never passed the limit: {largest}"
         );
         drop(writer);
-        let conn = Connection::open(dir.path().join("s.db")).unwrap();
+        let conn = Connection::open(&path).unwrap();
         let rows: i64 = conn
             .query_row("SELECT COUNT(*) FROM daily_counters", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, taken);
+    }
+
+    /// A database in a fresh temporary directory, with the schema by the
+    /// store's own migrations: the directory (to keep), the database's
+    /// path and its URL.
+    async fn migrated_db() -> (tempfile::TempDir, PathBuf, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        crate::Store::open(&url).await.unwrap().close().await;
+        (dir, path, url)
     }
 
     /// Nice values of this process's threads with the given name.
@@ -1508,9 +1516,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn the_ledger_threads_yield_to_request_threads() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
-        crate::Store::open(&url).await.unwrap().close().await;
+        let (_dir, _, url) = migrated_db().await;
         let writer = Writer::start_with(&url, super::WAL_LIMIT, super::Relay::DEFAULT)
             .unwrap()
             .unwrap();
@@ -1558,10 +1564,7 @@ mod tests {
     /// says so no longer.
     #[tokio::test]
     async fn a_writer_that_falls_behind_says_so_until_it_catches_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let url = format!("sqlite://{}?mode=rwc", path.display());
-        crate::Store::open(&url).await.unwrap().close().await;
+        let (_dir, path, url) = migrated_db().await;
         let writer = std::sync::Arc::new(
             Writer::start_with(&url, super::WAL_LIMIT, super::Relay::DEFAULT)
                 .unwrap()
@@ -1597,10 +1600,7 @@ mod tests {
     /// many tasks add up, and reservations and settlements balance.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn operations_survive_hand_overs_between_the_writer_threads() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let url = format!("sqlite://{}?mode=rwc", path.display());
-        crate::Store::open(&url).await.unwrap().close().await;
+        let (_dir, path, url) = migrated_db().await;
         // The quiet thread hands over before every commit, the catch-up
         // thread back after every commit.
         let relay = super::Relay {
@@ -1736,10 +1736,7 @@ mod tests {
     /// commits in full afterwards, on whichever thread.
     #[tokio::test]
     async fn a_batch_given_up_midway_writes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let url = format!("sqlite://{}?mode=rwc", path.display());
-        crate::Store::open(&url).await.unwrap().close().await;
+        let (_dir, path, _) = migrated_db().await;
         let conn = super::open(&path).unwrap();
         let batch: Vec<super::Work> = (0..10)
             .map(|i| super::Work::Job {
