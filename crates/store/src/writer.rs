@@ -95,7 +95,7 @@ const DELTAS_PER_STATEMENT: usize = 200;
 /// At 19 the thread gets about 1.5% of a core that other work keeps busy,
 /// and its yields (see [`YIELD_EVERY`]) hand that work a whole time slice
 /// each: it would settle a few requests per slice of the other work. So
-/// when it falls behind ([`HAND_OVER_AT`]) it hands the connection to a
+/// when it falls behind ([`HAND_OVER_AT`], [`QUIET_BATCH_LIMIT`]) it hands the connection to a
 /// second thread at the default priority that never yields, which writes
 /// until it has kept up for [`CATCH_UP_HOLD`] with the cores idle at times
 /// ([`MIN_IDLE_PCT`]), and hands it back.
@@ -108,6 +108,11 @@ const BACKGROUND_NICE: i32 = 19;
 /// quarter of its queue 21 times in 15 s (and caught up by itself), half
 /// of it 11 times.
 const HAND_OVER_AT: usize = QUEUE / 2;
+/// A batch the quiet thread has been committing for this long (wall time)
+/// goes to the catch-up thread too (rolled back, after a yield). Its work
+/// is a millisecond or two; it takes this long only when other work keeps
+/// the thread off the cores.
+const QUIET_BATCH_LIMIT: Duration = Duration::from_millis(50);
 /// The catch-up thread hands the connection back once it has not been
 /// behind for this long, and the cores were idle for at least
 /// [`MIN_IDLE_PCT`] of it: the quiet thread lives on idle time.
@@ -719,9 +724,15 @@ fn run(
                 if st.role == Role::Quiet && st.backlog(rx) >= relay.behind_at {
                     return Some(st.suspend());
                 }
-                // And during it, between two yields.
+                // And during it, between two yields: also when the batch
+                // has taken so long that other work must be keeping this
+                // thread off the cores (with few callers, each waiting for
+                // its answer, the queue never grows long).
                 let fast = st.fast.clone();
-                if !st.commit(&|| waiting(rx, &fast) >= relay.behind_at) {
+                let started = Instant::now();
+                if !st.commit(&|| {
+                    started.elapsed() >= QUIET_BATCH_LIMIT || waiting(rx, &fast) >= relay.behind_at
+                }) {
                     return Some(st.suspend());
                 }
                 // After it: every turn of the catch-up thread commits.

@@ -18,9 +18,10 @@ mod linux {
     use std::time::{Duration, Instant};
 
     /// Callers with an operation in the writer's queue at any time: more
-    /// than the writer takes into one batch, so that it is behind
-    /// throughout.
-    const CALLERS: usize = 2048;
+    /// than the writer takes into one batch, so that it has work
+    /// throughout, and fewer than half its queue, so that only the time
+    /// its batches take can tell it is behind.
+    const CALLERS: usize = 1024;
     /// CPU the busy thread uses in the measured window.
     const WINDOW: Duration = Duration::from_millis(1500);
     /// The writer's share of the contended core must be at least this. At
