@@ -1,7 +1,8 @@
 //! The machine's CPU time counters from `/proc/stat`: how much of the
-//! cores' time went idle or was stolen by the hypervisor over a window.
-//! The benchmarks report them; the SQLite ledger writer asks whether the
-//! cores had idle time to spare.
+//! cores' time went idle or was stolen by the hypervisor over a window;
+//! and one thread's, from `/proc/thread-self/schedstat`: how long it ran
+//! and how long it waited for a CPU. The benchmarks report the first; the
+//! SQLite ledger writer asks both whether there was CPU time to spare.
 
 /// The machine's CPU time counters (all CPUs together, clock ticks) from
 /// the first line of `/proc/stat`.
@@ -49,6 +50,42 @@ impl MachineTicks {
             self.total += total;
         }
     }
+}
+
+/// The calling thread's time on a CPU and time runnable but waiting for
+/// one (nanoseconds since it started).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThreadTicks {
+    pub run_ns: u64,
+    pub wait_ns: u64,
+}
+
+impl ThreadTicks {
+    /// Reads the calling thread's `/proc/thread-self/schedstat`; `None`
+    /// where there is none (not Linux, or a kernel without scheduler
+    /// statistics).
+    pub fn now() -> Option<ThreadTicks> {
+        parse_schedstat(&std::fs::read_to_string("/proc/thread-self/schedstat").ok()?)
+    }
+
+    /// Time the thread waited for a CPU per time it ran, between `self`
+    /// and `later`: about the number of other runnable threads it shared
+    /// its CPU with (1 beside one busy thread of the same priority);
+    /// `None` when it did not run or a counter went back.
+    pub fn wait_per_run_until(&self, later: &ThreadTicks) -> Option<f64> {
+        let run = later.run_ns.checked_sub(self.run_ns)?;
+        let wait = later.wait_ns.checked_sub(self.wait_ns)?;
+        (run > 0).then(|| wait as f64 / run as f64)
+    }
+}
+
+/// `run_ns wait_ns timeslices`.
+fn parse_schedstat(text: &str) -> Option<ThreadTicks> {
+    let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+    Some(ThreadTicks {
+        run_ns: fields.next()??,
+        wait_ns: fields.next()??,
+    })
 }
 
 /// `part`'s growth as a percentage of `total`'s; `None` when no tick
@@ -121,8 +158,47 @@ mod tests {
     }
 
     #[test]
+    fn schedstat_gives_run_and_wait_time() {
+        let t = parse_schedstat("2000 500 7\n").unwrap();
+        assert_eq!(
+            t,
+            ThreadTicks {
+                run_ns: 2000,
+                wait_ns: 500
+            }
+        );
+        let later = ThreadTicks {
+            run_ns: 3000,
+            wait_ns: 1250,
+        };
+        assert_eq!(t.wait_per_run_until(&later), Some(0.75));
+        assert_eq!(t.wait_per_run_until(&t), None, "it did not run");
+        assert_eq!(later.wait_per_run_until(&t), None, "counters never go back");
+        assert!(parse_schedstat("2000\n").is_none());
+        assert!(parse_schedstat("x 1 2\n").is_none());
+    }
+
+    #[test]
     fn this_machine_has_idle_counters() {
         let a = MachineTicks::now().expect("/proc/stat");
         assert!(a.total >= a.idle);
+    }
+
+    #[test]
+    fn this_thread_run_time_grows_while_it_works() {
+        let Some(a) = ThreadTicks::now() else {
+            eprintln!("skipped: this kernel keeps no per-thread scheduler statistics");
+            return;
+        };
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_millis(20) {
+            std::hint::spin_loop();
+        }
+        let b = ThreadTicks::now().expect("schedstat was readable a moment ago");
+        assert!(
+            b.run_ns > a.run_ns && b.wait_ns >= a.wait_ns,
+            "{a:?} then {b:?}"
+        );
+        assert!(a.wait_per_run_until(&b).is_some());
     }
 }
