@@ -130,7 +130,10 @@ const MIN_IDLE_PCT: f64 = 5.0;
 /// starves again, and the two cycled (13–17 hand-overs in 1.5 s in
 /// `writer_share`). Measured on the fourteenth machine over 10 s of `wrk
 /// -c32`: 0.36 alone (the request threads 0.39–0.40), 1.52 with two busy
-/// loops beside it; pinned beside one busy loop about 1.
+/// loops beside it; pinned beside one busy loop about 1. With the whole
+/// gateway pinned to one core it is 1.22–1.32: there the quiet thread fell
+/// behind 57–61 times in 13 s, and the catch-up thread now keeps writing
+/// (the same throughput).
 const MAX_WAIT_PER_RUN: f64 = 0.75;
 /// How often the checkpointer moves the log into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
