@@ -979,6 +979,9 @@ impl<'c> State<'c> {
             return false;
         };
         let batch = std::mem::replace(&mut self.p.batch, Vec::with_capacity(BATCH));
+        // Whether a failed detached settlement left its row to the next
+        // batch.
+        let mut retried = false;
         for (work, result) in batch.into_iter().zip(results) {
             match work {
                 Work::Job { job, unwritten } => {
@@ -991,13 +994,24 @@ impl<'c> State<'c> {
                         }
                     }
                     if job.reply.is_some() {
-                        job.answer(result);
+                        if retried && matches!(job.op, Op::Flush) {
+                            // A flush promises everything queued before it
+                            // committed, those rows too: it is answered
+                            // after them.
+                            self.p.batch.push(Work::Job {
+                                job,
+                                unwritten: None,
+                            });
+                        } else {
+                            job.answer(result);
+                        }
                     } else if let Some(retry) = report_detached(job.op, result) {
                         self.p.batch.push(Work::Job {
                             job: Box::new(retry),
                             unwritten: None,
                         });
                         self.p.now = true;
+                        retried = true;
                     }
                 }
                 Work::Hold(h) => {
@@ -1590,13 +1604,21 @@ mod tests {
             Reply::Daily(Some(1))
         ));
         let mine = rustix::process::getpriority_process(None).unwrap();
-        let catch_up = nice_of("sluice-catchup");
-        assert!(!catch_up.is_empty());
-        assert!(
-            catch_up.iter().all(|n| *n == mine),
-            "{catch_up:?}, not {mine}"
-        );
         let deadline = Instant::now() + Duration::from_secs(10);
+        // A thread names itself once it first runs: the idle catch-up
+        // thread may not have run yet on busy cores.
+        loop {
+            let catch_up = nice_of("sluice-catchup");
+            if !catch_up.is_empty() {
+                assert!(
+                    catch_up.iter().all(|n| *n == mine),
+                    "{catch_up:?}, not {mine}"
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "no catch-up writer thread");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         loop {
             let (ledger, checkpoint) = (nice_of("sluice-ledger"), nice_of("sluice-checkpoi"));
             // Other tests in this binary start writers too: all of them.

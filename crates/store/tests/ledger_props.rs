@@ -323,21 +323,29 @@ async fn long_and_short_requests_close_their_reservations() {
 
 /// `finish_request` does not wait for the commit: `close` commits what it
 /// queued, and a settlement that fails is not charged while its request's
-/// row is still written.
+/// row is still written, before `close` returns.
 #[tokio::test]
 async fn finished_requests_commit_on_close_and_a_failed_settlement_keeps_its_row() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_data_dir(dir.path()).await.unwrap();
     let user = store.create_user("f", "paid").await.unwrap();
     store.add_funds(&user, 1000).await.unwrap();
-    // Every settlement of request "bad" fails inside the ledger writer.
-    sqlx::query(
+    // Every settlement of request "bad" fails inside the ledger writer,
+    // and writing its row alone afterwards takes a while (a cross join of
+    // 36 million pairs in a trigger, about half a second): `close` must
+    // wait for that row too (it once answered before it, and this test
+    // failed now and then on busy cores).
+    for sql in [
         "CREATE TRIGGER refuse_bad BEFORE INSERT ON settlements \
          WHEN NEW.request_id = 'bad' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
-    )
-    .execute(store.pool())
-    .await
-    .unwrap();
+        "CREATE TABLE slow (x BIGINT)",
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 6000) \
+         INSERT INTO slow SELECT x FROM c",
+        "CREATE TRIGGER slow_bad BEFORE INSERT ON requests \
+         WHEN NEW.id = 'bad' BEGIN SELECT count(*) FROM slow a, slow b; END",
+    ] {
+        sqlx::query(sql).execute(store.pool()).await.unwrap();
+    }
     let row = |id: &str| request_row(id, &user);
     let settlement = |id: &str| Settlement {
         request_id: id.into(),
