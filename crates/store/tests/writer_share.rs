@@ -91,9 +91,18 @@ mod linux {
                 .await
                 .unwrap();
             // Both writer threads (the quiet one and the one it hands
-            // over to when it is behind) run on the contended core.
-            let mut writers = threads_named("sluice-ledger");
-            writers.extend(threads_named("sluice-catchup"));
+            // over to when it is behind) run on the contended core. A
+            // thread names itself once it first runs: on busy cores that
+            // can take a while.
+            let named = Instant::now();
+            let writers = loop {
+                let mut writers = threads_named("sluice-ledger");
+                writers.extend(threads_named("sluice-catchup"));
+                if writers.len() == 2 || named.elapsed() > Duration::from_secs(30) {
+                    break writers;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
             assert_eq!(writers.len(), 2, "writer threads: {writers:?}");
             for w in &writers {
                 sched_setaffinity(Pid::from_raw(*w), &only(contended)).unwrap();
