@@ -1675,6 +1675,16 @@ mod tests {
         assert!(!writer.backlogged());
     }
 
+    /// Thresholds for the churn tests: the quiet thread hands over before
+    /// every commit, the catch-up thread back after every commit.
+    const CHURN: super::Relay = super::Relay {
+        behind_at: 1,
+        kept_up_below: usize::MAX,
+        hold: Duration::ZERO,
+        min_idle_pct: 0.0,
+        max_wait_per_run: f64::INFINITY,
+    };
+
     /// With thresholds that make the writer threads hand the connection
     /// to each other between nearly every two batches, every operation is
     /// still answered once and committed once: daily units taken from
@@ -1682,17 +1692,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn operations_survive_hand_overs_between_the_writer_threads() {
         let (_dir, path, url) = migrated_db().await;
-        // The quiet thread hands over before every commit, the catch-up
-        // thread back after every commit.
-        let relay = super::Relay {
-            behind_at: 1,
-            kept_up_below: usize::MAX,
-            hold: Duration::ZERO,
-            min_idle_pct: 0.0,
-            max_wait_per_run: f64::INFINITY,
-        };
         let writer = std::sync::Arc::new(
-            Writer::start_with(&url, super::WAL_LIMIT, relay)
+            Writer::start_with(&url, super::WAL_LIMIT, CHURN)
                 .unwrap()
                 .unwrap(),
         );
@@ -1750,16 +1751,7 @@ mod tests {
     async fn money_survives_hand_overs_between_the_writer_threads() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
-        // The quiet thread hands over before every commit, the catch-up
-        // thread back after every commit.
-        let relay = super::Relay {
-            behind_at: 1,
-            kept_up_below: usize::MAX,
-            hold: Duration::ZERO,
-            min_idle_pct: 0.0,
-            max_wait_per_run: f64::INFINITY,
-        };
-        let store = crate::Store::open_with(&url, relay).await.unwrap();
+        let store = crate::Store::open_with(&url, CHURN).await.unwrap();
         let user = store.create_user("p", "paid").await.unwrap();
         const FUNDS: i64 = 1_000_000;
         store.add_funds(&user, FUNDS).await.unwrap();
