@@ -1617,6 +1617,49 @@ mod tests {
         );
     }
 
+    /// Once every handle is gone the writer copies the whole log into the
+    /// database and empties it: the log does not outlive the writer.
+    #[tokio::test]
+    async fn the_log_is_emptied_when_the_writer_ends() {
+        let (_dir, path, url) = migrated_db().await;
+        let writer = Writer::start_with(&url, super::WAL_LIMIT, super::Relay::DEFAULT)
+            .unwrap()
+            .unwrap();
+        for n in 0..20 {
+            let op = Op::TakeDaily {
+                key_id: format!("key-{n}"),
+                day: "2026-11-28".into(),
+                limit: 5,
+            };
+            writer.call(op).await.unwrap();
+        }
+        let wal = wal_path(&path);
+        assert!(std::fs::metadata(&wal).map_or(0, |m| m.len()) > 0);
+        // Another connection stays open, as the store's readers do: SQLite
+        // then leaves the log to the writer when the writer's closes.
+        let reader = Connection::open(&path).unwrap();
+        let _: i64 = reader
+            .query_row("SELECT COUNT(*) FROM daily_counters", [], |r| r.get(0))
+            .unwrap();
+        drop(writer);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let size = std::fs::metadata(&wal).map_or(0, |m| m.len());
+            if size == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the log still holds {size} bytes"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let rows: i64 = reader
+            .query_row("SELECT COUNT(*) FROM daily_counters", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 20);
+    }
+
     /// A database in a fresh temporary directory, with the schema by the
     /// store's own migrations: the directory (to keep), the database's
     /// path and its URL.
