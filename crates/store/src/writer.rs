@@ -200,8 +200,16 @@ pub(crate) enum Op {
     ReleaseStale {
         max_age_ms: i64,
     },
-    /// Commits everything queued before it.
-    Flush,
+    /// Commits everything queued before it (the store's close), after which
+    /// the writer writes no reservation rows of its own: reservations still
+    /// unwritten then are dropped, as a crash drops them, instead of being
+    /// written a second later. A store opened again on the same database
+    /// releases the closed one's open reservations (`Op::Recover`); a row
+    /// written by the old writer after that would stay open for good (seen
+    /// in `ledger_props` with two busy loops on the cores, where the old
+    /// writer thread ran late). Settlements and other operations queued
+    /// later are still written.
+    Close,
 }
 
 #[derive(Debug)]
@@ -441,7 +449,7 @@ impl Writer {
     /// Queues a settlement nobody waits for: the caller goes on at once
     /// (it still waits while the queue is full), and the thread wakes no
     /// task when the batch commits. The writer logs the outcome and, when
-    /// the settlement fails, writes the request's row alone. [`Op::Flush`]
+    /// the settlement fails, writes the request's row alone. [`Op::Close`]
     /// (the store's close) commits every detached settlement queued
     /// before it.
     pub async fn detach(
@@ -600,6 +608,8 @@ struct Pending {
     deadline: Option<Instant>,
     /// Commit as soon as the queue is drained.
     now: bool,
+    /// An [`Op::Close`] was answered: write no reservation rows any more.
+    closed: bool,
     /// The write-ahead log's file and its limit, when to checkpoint next,
     /// and until when not to try truncating it after a try gave up.
     wal: PathBuf,
@@ -616,6 +626,7 @@ impl Pending {
             held: HashMap::new(),
             deadline: None,
             now: false,
+            closed: false,
             wal,
             wal_limit,
             checkpoint_next: Instant::now() + CHECKPOINT_EVERY,
@@ -960,9 +971,13 @@ impl<'c> State<'c> {
     /// yield: when it says so, the batch is rolled back and kept (to commit
     /// as soon as possible, on the other thread) and the answer is false.
     fn commit(&mut self, give_up: &dyn Fn() -> bool) -> bool {
-        let cutoff = now_ms() - HOLD_UNWRITTEN.as_millis() as i64;
-        let aged = self.p.unwritten.extract_if(|_, h| h.created_ms <= cutoff);
-        self.p.batch.extend(aged.map(|(_, h)| Work::Hold(h)));
+        if self.p.closed {
+            self.p.unwritten.clear();
+        } else {
+            let cutoff = now_ms() - HOLD_UNWRITTEN.as_millis() as i64;
+            let aged = self.p.unwritten.extract_if(|_, h| h.created_ms <= cutoff);
+            self.p.batch.extend(aged.map(|(_, h)| Work::Hold(h)));
+        }
         self.p.deadline = None;
         self.p.now = false;
         if self.p.batch.is_empty() {
@@ -991,8 +1006,8 @@ impl<'c> State<'c> {
                         }
                     }
                     if job.reply.is_some() {
-                        if retried && matches!(job.op, Op::Flush) {
-                            // A flush promises everything queued before it
+                        if retried && matches!(job.op, Op::Close) {
+                            // A close promises everything queued before it
                             // committed, those rows too: it is answered
                             // after them.
                             self.p.batch.push(Work::Job {
@@ -1000,6 +1015,9 @@ impl<'c> State<'c> {
                                 unwritten: None,
                             });
                         } else {
+                            if matches!(job.op, Op::Close) && result.is_ok() {
+                                self.p.closed = true;
+                            }
                             job.answer(result);
                         }
                     } else if let Some(retry) = report_detached(job.op, result) {
@@ -1420,7 +1438,7 @@ fn apply(
             db.exec(&sql::daily_refund(key_id, day))?;
             Ok(Reply::Done)
         }
-        Op::Flush => Ok(Reply::Done),
+        Op::Close => Ok(Reply::Done),
         Op::Recover { owner } => Ok(Reply::Count(db.exec(&sql::recover(owner))? as u64)),
         Op::ReleaseStale { max_age_ms } => Ok(Reply::Count(
             db.exec(&sql::release_stale(now_ms() - max_age_ms))? as u64,
@@ -1660,6 +1678,28 @@ mod tests {
         assert_eq!(rows, 20);
     }
 
+    /// After `Store::close` the writer writes no reservation rows of its
+    /// own: a reservation still unwritten then is not written a second
+    /// later, after a store opened again may have recovered the closed
+    /// one's reservations.
+    #[tokio::test]
+    async fn a_closed_store_writes_no_reservation_rows_later() {
+        let (_dir, path, url) = migrated_db().await;
+        let store = crate::Store::open(&url).await.unwrap();
+        let user = store.create_user("p", "paid").await.unwrap();
+        store.add_funds(&user, 1_000).await.unwrap();
+        assert!(store.reserve("r1", &user, 7, "o").await.unwrap());
+        store.close().await;
+        // The writer looks for reservations to write every sweep.
+        tokio::time::sleep(super::HOLD_UNWRITTEN + super::SWEEP * 3).await;
+        let conn = Connection::open(&path).unwrap();
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM reservations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0, "a reservation row written after close");
+        drop(store);
+    }
+
     /// A database in a fresh temporary directory, with the schema by the
     /// store's own migrations: the directory (to keep), the database's
     /// path and its URL.
@@ -1759,7 +1799,7 @@ mod tests {
                 waiting.len()
             );
             let w = writer.clone();
-            waiting.push(tokio::spawn(async move { w.call(Op::Flush).await }));
+            waiting.push(tokio::spawn(async move { w.call(Op::Close).await }));
             // Lets the spawned callers queue their operations.
             tokio::task::yield_now().await;
         }
@@ -1819,7 +1859,7 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        assert!(matches!(writer.call(Op::Flush).await.unwrap(), Reply::Done));
+        assert!(matches!(writer.call(Op::Close).await.unwrap(), Reply::Done));
         let handovers = writer.handovers();
         eprintln!("{handovers} hand-overs");
         assert!(handovers >= 10, "only {handovers} hand-overs");
