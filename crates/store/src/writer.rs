@@ -82,10 +82,10 @@ const YIELD_EVERY: usize = 2;
 /// Accounts per balance statement at the end of a batch.
 const DELTAS_PER_STATEMENT: usize = 200;
 /// The nice value of the quiet writer thread (0 is the default; higher
-/// yields more readily). A batch is up to a
-/// millisecond of work, and its commit a stretch of 0.15–0.26 ms that
-/// never yields (about 70 writes of the log); a request thread woken on
-/// that core waits it out unless the scheduler preempts the writer, which
+/// yields more readily). A batch is up to a millisecond of work, and its
+/// commit a stretch of 0.15–0.26 ms that never yields (about 70 writes of
+/// the log); a request thread woken on that core waits it out unless the
+/// scheduler preempts the writer, which
 /// it does sooner the lower the writer's weight. Measured with `sluice
 /// bench gateway --no-litellm`: on the twelfth machine (three interleaved
 /// pairs) Sluice's added p99 at c=1 was 0.204, 0.233 and 0.233 ms against
@@ -334,9 +334,8 @@ pub(crate) struct Writer {
 
 impl Writer {
     /// Opens the write connection and starts the writer threads, with the
-    /// write-ahead log bounded at `wal_limit` bytes
-    /// and the threads handing over at `relay`. `None` for databases that
-    /// are not a file.
+    /// write-ahead log bounded at `wal_limit` bytes and the threads handing
+    /// over at `relay`. `None` for databases that are not a file.
     pub fn start_with(url: &str, wal_limit: u64, relay: Relay) -> Result<Option<Writer>> {
         let Some(path) = sqlite_path(url) else {
             return Ok(None);
