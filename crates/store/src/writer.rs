@@ -970,9 +970,8 @@ impl<'c> State<'c> {
     /// yield: when it says so, the batch is rolled back and kept (to commit
     /// as soon as possible, on the other thread) and the answer is false.
     fn commit(&mut self, give_up: &dyn Fn() -> bool) -> bool {
-        if self.p.closed {
-            self.p.unwritten.clear();
-        } else {
+        // After a close, reservations stay unwritten (see `Op::Close`).
+        if !self.p.closed {
             let cutoff = now_ms() - HOLD_UNWRITTEN.as_millis() as i64;
             let aged = self.p.unwritten.extract_if(|_, h| h.created_ms <= cutoff);
             self.p.batch.extend(aged.map(|(_, h)| Work::Hold(h)));
