@@ -68,6 +68,11 @@ impl ThreadTicks {
         parse_schedstat(&std::fs::read_to_string("/proc/thread-self/schedstat").ok()?)
     }
 
+    /// The same for thread `tid` of this process.
+    pub fn of(tid: i32) -> Option<ThreadTicks> {
+        parse_schedstat(&std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?)
+    }
+
     /// Time the thread waited for a CPU per time it ran, between `self`
     /// and `later`: about the number of other runnable threads it shared
     /// its CPU with (1 beside one busy thread of the same priority);

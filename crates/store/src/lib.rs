@@ -218,7 +218,7 @@ impl Store {
     pub async fn close(&self) {
         if let Some(w) = &self.writer {
             if let Err(e) = w.call(writer::Op::Close).await {
-                tracing::error!(error = %e, "could not flush the ledger writer");
+                tracing::error!(error = %e, "could not close the ledger writer (what it held may not be committed)");
             }
         }
         self.pool.close().await;

@@ -12,6 +12,7 @@
 mod linux {
     use rustix::process::Pid;
     use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use sluice_proto::machine::ThreadTicks;
     use sluice_store::Store;
     use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
     use std::sync::Arc;
@@ -44,8 +45,7 @@ mod linux {
     /// Nanoseconds thread `tid` of this process has run, or `None` when
     /// the kernel does not keep the count.
     fn ran_ns(tid: i32) -> Option<u64> {
-        let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
-        text.split_whitespace().next()?.parse().ok()
+        ThreadTicks::of(tid).map(|t| t.run_ns)
     }
 
     fn threads_named(name: &str) -> Vec<i32> {
