@@ -355,7 +355,12 @@ impl Backlog {
     /// a queue of `capacity`.
     fn observe(&self, queued: usize, capacity: usize) -> bool {
         if queued >= capacity {
-            self.0.store(true, Ordering::Relaxed);
+            if !self.0.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    queued,
+                    "the ledger writer is behind: turning new requests away until it catches up"
+                );
+            }
             return true;
         }
         if !self.0.load(Ordering::Relaxed) {
@@ -364,7 +369,12 @@ impl Backlog {
         if queued > BACKLOG_CLEARS_AT {
             return true;
         }
-        self.0.store(false, Ordering::Relaxed);
+        if self.0.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                queued,
+                "the ledger writer has caught up: taking requests again"
+            );
+        }
         false
     }
 }
