@@ -824,6 +824,19 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
             })
             .unwrap_or_default();
         println!("{} sweep (last run): {}", gw.name, sweep.join("; "));
+        if g != direct {
+            // The median hides how far apart the runs were.
+            let each: Vec<String> = results[g]
+                .iter()
+                .zip(&results[direct])
+                .map(|(a, d)| format!("{:.3}", ms(a.c1.p99_us as f64) - ms(d.c1.p99_us as f64)))
+                .collect();
+            println!(
+                "{} added c=1 p99 per run (ms): {}",
+                gw.name,
+                each.join(", ")
+            );
+        }
         let threads = thread_medians(&results[g]);
         if !threads.is_empty() {
             // /proc counts in clock ticks (10 ms): a short window may show
