@@ -352,9 +352,9 @@ struct Backlog(AtomicBool);
 
 impl Backlog {
     /// Whether the writer is behind, given `queued` operations waiting in
-    /// a queue of `capacity`.
-    fn observe(&self, queued: usize, capacity: usize) -> bool {
-        if queued >= capacity {
+    /// its queue of [`QUEUE`].
+    fn observe(&self, queued: usize) -> bool {
+        if queued >= QUEUE {
             if !self.0.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     queued,
@@ -445,7 +445,7 @@ impl Writer {
     /// [`BACKLOG_CLEARS_AT`]). The catch-up thread (see
     /// [`BACKGROUND_NICE`]) takes over long before, at half the queue.
     pub fn backlogged(&self) -> bool {
-        self.backlog.observe(self.tx.len(), QUEUE)
+        self.backlog.observe(self.tx.len())
     }
 
     /// Times the writer threads handed the connection to each other (see
@@ -528,7 +528,7 @@ impl Writer {
                 Err(flume::TrySendError::Full(msg)) => msg,
             };
             // Full: behind, even if nobody asks before it drains a little.
-            self.backlog.observe(QUEUE, QUEUE);
+            self.backlog.observe(QUEUE);
             self.tx.send_async(msg).await.map_err(|_| stopped())?;
         }
         Ok(())
@@ -1867,15 +1867,15 @@ mod tests {
     fn a_full_queue_stays_backlogged_until_half_of_it_drains() {
         let b = super::Backlog::default();
         let q = super::QUEUE;
-        assert!(!b.observe(0, q));
-        assert!(!b.observe(q - 1, q));
-        assert!(b.observe(q, q));
-        assert!(b.observe(q - super::BATCH, q));
-        assert!(b.observe(super::BACKLOG_CLEARS_AT + 1, q));
-        assert!(!b.observe(super::BACKLOG_CLEARS_AT, q));
+        assert!(!b.observe(0));
+        assert!(!b.observe(q - 1));
+        assert!(b.observe(q));
+        assert!(b.observe(q - super::BATCH));
+        assert!(b.observe(super::BACKLOG_CLEARS_AT + 1));
+        assert!(!b.observe(super::BACKLOG_CLEARS_AT));
         // Cleared: filling again up to just below full is not behind.
-        assert!(!b.observe(q - 1, q));
-        assert!(b.observe(q, q));
+        assert!(!b.observe(q - 1));
+        assert!(b.observe(q));
     }
 
     /// Thresholds for the churn tests: the quiet thread hands over before

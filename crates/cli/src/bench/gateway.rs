@@ -679,15 +679,16 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         let v: Vec<f64> = results[g].iter().filter_map(f).collect();
         median(&v)
     };
-    // Median over runs of (gateway - direct), paired within each run.
-    let added = |g: usize, f: &dyn Fn(&Measured) -> f64| -> Option<f64> {
-        let v: Vec<f64> = results[g]
+    // Per run, gateway - direct, paired within the run.
+    let added_each = |g: usize, f: &dyn Fn(&Measured) -> f64| -> Vec<f64> {
+        results[g]
             .iter()
             .zip(&results[direct])
             .map(|(a, d)| f(a) - f(d))
-            .collect();
-        median(&v)
+            .collect()
     };
+    // Median over runs of those.
+    let added = |g: usize, f: &dyn Fn(&Measured) -> f64| median(&added_each(g, f));
 
     println!();
     println!(
@@ -826,10 +827,9 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         println!("{} sweep (last run): {}", gw.name, sweep.join("; "));
         if g != direct {
             // The median hides how far apart the runs were.
-            let each: Vec<String> = results[g]
+            let each: Vec<String> = added_each(g, &|m| ms(m.c1.p99_us as f64))
                 .iter()
-                .zip(&results[direct])
-                .map(|(a, d)| format!("{:.3}", ms(a.c1.p99_us as f64) - ms(d.c1.p99_us as f64)))
+                .map(|v| format!("{v:.3}"))
                 .collect();
             println!(
                 "{} added c=1 p99 per run (ms): {}",
