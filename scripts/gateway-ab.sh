@@ -26,6 +26,7 @@
 # Env: CONNS (default 1). Needs wrk (Debian package).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/gateway-common.sh
 
 busy=0
 if [ "${1:-}" = "--busy" ]; then
@@ -79,25 +80,12 @@ for round in $(seq 1 "$rounds"); do
       --data-dir "$run/data" --listen "127.0.0.1:$gw_port" >"$run/gw.log" 2>&1 &
     gw=$!
     pids=("$mock" "$gw")
-    for _ in $(seq 1 300); do
-      grep -q "api key:" "$run/gw.log" && break
-      kill -0 "$gw" 2>/dev/null || { cat "$run/gw.log" >&2; exit 1; }
-      sleep 0.1
-    done
-    key="$(awk '/api key:/{print $3; exit}' "$run/gw.log")"
-    [ -n "$key" ] || { echo "error: the gateway printed no api key" >&2; cat "$run/gw.log" >&2; exit 1; }
-    cat >"$run/post.lua" <<EOF
-wrk.method = "POST"
-wrk.body = '{"model":"mock-model","messages":[{"role":"user","content":"hello"}],"max_tokens":16}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $key"
-done = function(summary, latency, requests)
-  io.write(string.format("p50=%.3f p99=%.3f p999=%.3f rps=%.0f non2xx=%d\n",
+    key="$(gateway_key "$run/gw.log" "$gw" 300)"
+    post_lua "$run/post.lua" "$key" \
+      '  io.write(string.format("p50=%.3f p99=%.3f p999=%.3f rps=%.0f non2xx=%d\n",
     latency:percentile(50) / 1000, latency:percentile(99) / 1000,
     latency:percentile(99.9) / 1000, summary.requests / (summary.duration / 1e6),
-    summary.errors.status))
-end
-EOF
+    summary.errors.status))'
     wrk -t1 -c"$conns" -d2s -s "$run/post.lua" "$url" >/dev/null
     result="$(wrk -t1 -c"$conns" -d"${seconds}s" -s "$run/post.lua" "$url" | tail -1)"
     wal="$(stat -c %s "$run"/data/*-wal 2>/dev/null | head -1 || true)"

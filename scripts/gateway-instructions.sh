@@ -19,6 +19,7 @@
 # extensions), so sha2 weighs more here than on the real CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/gateway-common.sh
 
 bin="${1:-${CARGO_TARGET_DIR:-target}/release/sluice}"
 conns="${CONNS:-8}"
@@ -50,23 +51,9 @@ valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no \
 gw=$!
 pids+=("$gw")
 echo "starting the gateway under callgrind (slow: up to a minute) ..." >&2
-for _ in $(seq 1 900); do
-  grep -q "api key:" "$dir/gw.log" && break
-  kill -0 "$gw" 2>/dev/null || { cat "$dir/gw.log" >&2; exit 1; }
-  sleep 0.1
-done
-key="$(awk '/api key:/{print $3; exit}' "$dir/gw.log")"
-[ -n "$key" ] || { echo "error: the gateway printed no api key" >&2; cat "$dir/gw.log" >&2; exit 1; }
-
-cat >"$dir/post.lua" <<EOF
-wrk.method = "POST"
-wrk.body = '{"model":"mock-model","messages":[{"role":"user","content":"hello"}],"max_tokens":16}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $key"
-done = function(summary, latency, requests)
-  io.write(string.format("requests=%d non2xx=%d\n", summary.requests, summary.errors.status))
-end
-EOF
+key="$(gateway_key "$dir/gw.log" "$gw" 900)"
+post_lua "$dir/post.lua" "$key" \
+  '  io.write(string.format("requests=%d non2xx=%d\n", summary.requests, summary.errors.status))'
 url="http://127.0.0.1:$gw_port/v1/chat/completions"
 echo "warm-up: 5 s at $conns connections" >&2
 wrk -t1 -c"$conns" -d5s -s "$dir/post.lua" "$url" >/dev/null
