@@ -210,11 +210,14 @@ impl Store {
         &self.pool
     }
 
-    /// Commits what the ledger writer holds, then closes the pool. From then
-    /// on the writer writes no reservation rows of its own: reservations not
-    /// yet written are dropped, as a crash drops them (nothing is charged for
-    /// them, and there is nothing to release), so a store opened again on the
-    /// same database and recovering this one's reservations finds them all.
+    /// Commits what the ledger writer holds and, on SQLite, copies the
+    /// write-ahead log into the database file and empties it (the file alone
+    /// then holds everything, to copy or back up), then closes the pool.
+    /// From then on the writer writes no reservation rows of its own:
+    /// reservations not yet written are dropped, as a crash drops them
+    /// (nothing is charged for them, and there is nothing to release), so a
+    /// store opened again on the same database and recovering this one's
+    /// reservations finds them all.
     pub async fn close(&self) {
         if let Some(w) = &self.writer {
             if let Err(e) = w.call(writer::Op::Close).await {

@@ -209,10 +209,16 @@ pub(crate) enum Op {
     ReleaseStale {
         max_age_ms: i64,
     },
-    /// Commits everything queued before it (the store's close), after which
+    /// Commits everything queued before it (the store's close) and copies
+    /// the write-ahead log into the database file in full, truncating it,
+    /// before it is answered, after which
     /// the writer writes no reservation rows of its own: reservations still
     /// unwritten then are dropped, as a crash drops them, instead of being
-    /// written a second later. A store opened again on the same database
+    /// written a second later. Nor does it checkpoint the log any more
+    /// unless it commits again: a store opened again on the same database
+    /// in the same process writes to that same log, which the old writer
+    /// thread (it ends only when the last handle is dropped) would otherwise
+    /// copy and truncate under it. A store opened again on the same database
     /// releases the closed one's open reservations (`Op::Recover`); a row
     /// written by the old writer after that would stay open for good (seen
     /// in `ledger_props` with two busy loops on the cores, where the old
@@ -662,6 +668,9 @@ struct Pending {
     now: bool,
     /// An [`Op::Close`] was answered: write no reservation rows any more.
     closed: bool,
+    /// A batch was committed after the close: the log holds this writer's
+    /// frames again, to checkpoint as before.
+    written_after_close: bool,
     /// The write-ahead log's file and its limit, when to checkpoint next,
     /// and until when not to try truncating it after a try gave up.
     wal: PathBuf,
@@ -679,6 +688,7 @@ impl Pending {
             deadline: None,
             now: false,
             closed: false,
+            written_after_close: false,
             wal,
             wal_limit,
             checkpoint_next: Instant::now() + CHECKPOINT_EVERY,
@@ -722,10 +732,6 @@ fn write_in_turn(
         };
         let Baton { conn, pending } = baton;
         let Some(pending) = run(&conn, &turn.rx, &turn.fast, role, turn.relay, pending) else {
-            // A last full copy, so the log does not outlive the writer.
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-                tracing::warn!(error = %e, "last WAL checkpoint failed");
-            }
             return;
         };
         let baton = Baton { conn, pending };
@@ -775,6 +781,12 @@ fn run(
                     st.commit(&|| false);
                     // A failed detached settlement left its request's row.
                     st.commit(&|| false);
+                    // A last full copy, so the log does not outlive the
+                    // writer (done at the close already, unless it wrote
+                    // since).
+                    if st.ours_to_checkpoint() {
+                        st.truncate_wal("the writer's last");
+                    }
                     return None;
                 }
             }
@@ -1037,10 +1049,14 @@ impl<'c> State<'c> {
             return true;
         }
         let quiet = (self.role == Role::Quiet).then_some(give_up);
+        let closed_before = self.p.closed;
         let Some(results) = commit_batch(&mut self.db, &self.p.batch, quiet) else {
             self.p.now = true;
             return false;
         };
+        if closed_before {
+            self.p.written_after_close = true;
+        }
         let batch = std::mem::replace(&mut self.p.batch, Vec::with_capacity(BATCH));
         // Whether a failed detached settlement left its row to the next
         // batch.
@@ -1068,6 +1084,7 @@ impl<'c> State<'c> {
                         } else {
                             if matches!(job.op, Op::Close) && result.is_ok() {
                                 self.p.closed = true;
+                                self.truncate_wal("the close's");
                             }
                             job.answer(result);
                         }
@@ -1094,12 +1111,37 @@ impl<'c> State<'c> {
         true
     }
 
+    /// Whether the log may hold frames of this writer's not yet copied:
+    /// always before the close, and after it once it committed again (see
+    /// [`Op::Close`]).
+    fn ours_to_checkpoint(&self) -> bool {
+        !self.p.closed || self.p.written_after_close
+    }
+
+    /// Copies the whole log into the database file and truncates it
+    /// (`what` names the copy in the warning if it fails, for instance
+    /// because a reader held an old snapshot for the whole busy timeout:
+    /// the log then stays as it was, which loses nothing).
+    fn truncate_wal(&mut self, what: &str) {
+        match self
+            .db
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            }) {
+            Ok(0) => {}
+            Ok(_) => tracing::warn!("{what} WAL checkpoint found the log in use by a reader"),
+            Err(e) => tracing::warn!(error = %e, "{what} WAL checkpoint failed"),
+        }
+        self.p.written_after_close = false;
+    }
+
     /// Every [`CHECKPOINT_EVERY`], between batches: copies the write-ahead
     /// log into the database file, and truncates it if it is still over
     /// its limit (see [`WAL_LIMIT`]).
     fn maintain(&mut self) {
         let started = Instant::now();
-        if started < self.p.checkpoint_next {
+        if started < self.p.checkpoint_next || !self.ours_to_checkpoint() {
             return;
         }
         self.p.checkpoint_next = started + CHECKPOINT_EVERY;
@@ -1775,6 +1817,49 @@ mod tests {
         drop(store);
     }
 
+    /// `Store::close` returns with the write-ahead log copied into the
+    /// database file and empty, and the closed writer (whose thread ends
+    /// only once the store is dropped) leaves the log alone from then on:
+    /// a store opened again in the same process writes to that same log,
+    /// and the old writer's checkpoints and last full copy used to
+    /// truncate it under the new one (which showed as restarts of the log
+    /// a test had not caused).
+    #[tokio::test]
+    async fn a_closed_writer_leaves_the_log_alone() {
+        let (_dir, path, url) = migrated_db().await;
+        let wal = wal_path(&path);
+        let store = crate::Store::open(&url).await.unwrap();
+        let user = store.create_user("p", "paid").await.unwrap();
+        for _ in 0..20 {
+            store.add_funds(&user, 1).await.unwrap();
+        }
+        let before = std::fs::metadata(&wal).map_or(0, |m| m.len());
+        assert!(before > 0, "the writes went through the log");
+        store.close().await;
+        assert_eq!(
+            std::fs::metadata(&wal).map_or(0, |m| m.len()),
+            0,
+            "the log was not emptied by the close"
+        );
+        // Another writer's frames in the same log, then the old store's
+        // checkpoint time passes and it is dropped: its thread ends.
+        let other = Connection::open(&path).unwrap();
+        other.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        other
+            .execute_batch("CREATE TABLE later (v INTEGER); INSERT INTO later VALUES (1);")
+            .unwrap();
+        let written = std::fs::metadata(&wal).unwrap().len();
+        assert!(written > 0);
+        tokio::time::sleep(super::CHECKPOINT_EVERY * 3).await;
+        drop(store);
+        tokio::time::sleep(super::SWEEP * 3).await;
+        assert_eq!(
+            std::fs::metadata(&wal).unwrap().len(),
+            written,
+            "the closed writer truncated another connection's log"
+        );
+    }
+
     /// A writer on the file database at `url`, with the default limits.
     fn started(url: &str) -> Writer {
         Writer::start_with(url, super::WAL_LIMIT, super::Relay::DEFAULT)
@@ -1789,20 +1874,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         let url = format!("sqlite://{}?mode=rwc", path.display());
+        // Closed, its writer leaves the log alone, though its thread ends
+        // only later (see the test below).
         crate::Store::open(&url).await.unwrap().close().await;
-        // The closed store's writer thread ends on its own after the
-        // store is dropped: its last full copy truncates the log, and
-        // closing the last connection removes it. Waited for here, so it
-        // does not truncate the log of the writer a test starts next.
-        let wal = wal_path(&path);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while wal.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "the migrated store's writer still holds its log"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
         (dir, path, url)
     }
 
