@@ -170,6 +170,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long that full copy may wait for readers of older snapshots before
 /// it gives up (the writer's queue fills meanwhile).
 const WAL_RESTART_WAIT: Duration = Duration::from_millis(100);
+/// How long the full copy at the close (and at the writer's end) may wait
+/// for readers of older snapshots, another process's included: a shutdown
+/// does not hang on them, and a log left as it was loses nothing.
+const CLOSE_COPY_WAIT: Duration = Duration::from_secs(1);
 /// After it gave up, how long until the next try: a long reader must not
 /// cost the writer [`WAL_RESTART_WAIT`] in every [`CHECKPOINT_EVERY`].
 const WAL_BUSY_BACKOFF: Duration = Duration::from_secs(2);
@@ -1120,18 +1124,23 @@ impl<'c> State<'c> {
 
     /// Copies the whole log into the database file and truncates it
     /// (`what` names the copy in the warning if it fails, for instance
-    /// because a reader held an old snapshot for the whole busy timeout:
-    /// the log then stays as it was, which loses nothing).
+    /// because a reader held an old snapshot for all of
+    /// [`CLOSE_COPY_WAIT`]: the log then stays as it was, which loses
+    /// nothing).
     fn truncate_wal(&mut self, what: &str) {
-        match self
-            .db
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        let conn = self.db.conn;
+        let copied = conn.busy_timeout(CLOSE_COPY_WAIT).and_then(|()| {
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
                 r.get::<_, i64>(0)
-            }) {
+            })
+        });
+        match copied {
             Ok(0) => {}
             Ok(_) => tracing::warn!("{what} WAL checkpoint found the log in use by a reader"),
             Err(e) => tracing::warn!(error = %e, "{what} WAL checkpoint failed"),
+        }
+        if let Err(e) = conn.busy_timeout(BUSY_TIMEOUT) {
+            tracing::warn!(error = %e, "could not set the writer's busy timeout back");
         }
         self.p.written_after_close = false;
     }
@@ -1858,6 +1867,36 @@ mod tests {
             written,
             "the closed writer truncated another connection's log"
         );
+    }
+
+    /// A reader holding an old snapshot (another process's, say) keeps
+    /// the close's full copy from emptying the log: the close gives up on
+    /// it after [`CLOSE_COPY_WAIT`] rather than the writer's whole busy
+    /// timeout, and loses nothing.
+    #[tokio::test]
+    async fn a_reader_does_not_hold_the_close_for_long() {
+        let (_dir, path, url) = migrated_db().await;
+        let store = crate::Store::open(&url).await.unwrap();
+        let user = store.create_user("p", "paid").await.unwrap();
+        store.add_funds(&user, 5).await.unwrap();
+        let entries = |conn: &Connection| -> i64 {
+            conn.query_row("SELECT COUNT(*) FROM ledger_entries", [], |r| r.get(0))
+                .unwrap()
+        };
+        let reader = Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let seen = entries(&reader);
+        store.add_funds(&user, 7).await.unwrap();
+        tokio::time::timeout(super::BUSY_TIMEOUT / 2, store.close())
+            .await
+            .expect("the close waited for the reader as long as for a lock");
+        assert!(
+            std::fs::metadata(wal_path(&path)).unwrap().len() > 0,
+            "the log was emptied under a reader"
+        );
+        assert_eq!(entries(&reader), seen, "the reader's snapshot moved");
+        reader.execute_batch("COMMIT").unwrap();
+        assert_eq!(entries(&Connection::open(&path).unwrap()), seen + 2);
     }
 
     /// A writer on the file database at `url`, with the default limits.
