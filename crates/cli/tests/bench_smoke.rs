@@ -165,6 +165,25 @@ fn bench_gateway_smoke_prints_its_summary_line() {
         out.lines().any(|l| l.starts_with("sluice threads, c=")),
         "no thread line: {out}"
     );
+    // Each gateway's throughput per run, one number a run (the ratio per
+    // run shows only where LiteLLM is installed).
+    let per_run: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains(" throughput c=") && l.contains(" per run (req/s): "))
+        .collect();
+    assert!(
+        per_run.iter().any(|l| l.starts_with("sluice ")),
+        "no per-run throughput line for sluice: {out}"
+    );
+    for line in per_run {
+        let (_, values) = line.split_once("(req/s): ").unwrap();
+        assert!(
+            values
+                .split(", ")
+                .all(|v| v.parse::<f64>().is_ok_and(f64::is_finite)),
+            "{line}"
+        );
+    }
     assert_machine_line(&out);
 }
 

@@ -825,6 +825,15 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
             })
             .unwrap_or_default();
         println!("{} sweep (last run): {}", gw.name, sweep.join("; "));
+        let each: Vec<String> = results[g]
+            .iter()
+            .map(|m| format!("{:.0}", m.rps32))
+            .collect();
+        println!(
+            "{} throughput c={c32} per run (req/s): {}",
+            gw.name,
+            each.join(", ")
+        );
         if g != direct {
             // The median hides how far apart the runs were.
             let each: Vec<String> = added_each(g, &|m| ms(m.c1.p99_us as f64))
@@ -867,6 +876,16 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
     let p99_added = |g: Option<usize>| g.and_then(|g| added(g, &|m| ms(m.c1.p99_us as f64)));
     let cpu = |g: Option<usize>| g.and_then(|g| med(g, &|m| m.cpu_us_per_req));
     let rps = |g: Option<usize>| g.and_then(|g| med(g, &|m| Some(m.rps32)));
+    if let (Some(s), Some(l)) = (s, l) {
+        // The runs took their c=32 steps in turn: a ratio per run shows
+        // how much of the median's ratio is the host drifting.
+        let each: Vec<String> = results[s]
+            .iter()
+            .zip(&results[l])
+            .map(|(a, b)| num(ratio(Some(a.rps32), Some(b.rps32)), GOALS[2].decimals))
+            .collect();
+        println!("rps_ratio per run: {}", each.join(", "));
+    }
     println!(
         "(final line: p99 added at c=1; CPU at c={c32}; rps_ratio = Sluice / LiteLLM throughput at c={c32}, not latency-bounded)"
     );
