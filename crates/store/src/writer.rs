@@ -1810,10 +1810,7 @@ mod tests {
     /// one's reservations.
     #[tokio::test]
     async fn a_closed_store_writes_no_reservation_rows_later() {
-        let (_dir, path, url) = migrated_db().await;
-        let store = crate::Store::open(&url).await.unwrap();
-        let user = store.create_user("p", "paid").await.unwrap();
-        store.add_funds(&user, 1_000).await.unwrap();
+        let (_dir, path, store, user) = funded_store(1_000).await;
         assert!(store.reserve("r1", &user, 7, "o").await.unwrap());
         store.close().await;
         // The writer looks for reservations to write every sweep.
@@ -1835,10 +1832,8 @@ mod tests {
     /// a test had not caused).
     #[tokio::test]
     async fn a_closed_writer_leaves_the_log_alone() {
-        let (_dir, path, url) = migrated_db().await;
+        let (_dir, path, store, user) = funded_store(1).await;
         let wal = wal_path(&path);
-        let store = crate::Store::open(&url).await.unwrap();
-        let user = store.create_user("p", "paid").await.unwrap();
         for _ in 0..20 {
             store.add_funds(&user, 1).await.unwrap();
         }
@@ -1875,10 +1870,7 @@ mod tests {
     /// timeout, and loses nothing.
     #[tokio::test]
     async fn a_reader_does_not_hold_the_close_for_long() {
-        let (_dir, path, url) = migrated_db().await;
-        let store = crate::Store::open(&url).await.unwrap();
-        let user = store.create_user("p", "paid").await.unwrap();
-        store.add_funds(&user, 5).await.unwrap();
+        let (_dir, path, store, user) = funded_store(5).await;
         let entries = |conn: &Connection| -> i64 {
             conn.query_row("SELECT COUNT(*) FROM ledger_entries", [], |r| r.get(0))
                 .unwrap()
@@ -1897,6 +1889,17 @@ mod tests {
         assert_eq!(entries(&reader), seen, "the reader's snapshot moved");
         reader.execute_batch("COMMIT").unwrap();
         assert_eq!(entries(&Connection::open(&path).unwrap()), seen + 2);
+    }
+
+    /// A store on a fresh migrated database (see [`migrated_db`]) with a
+    /// paid user funded with `amount`: the directory (to keep), the
+    /// database's path, the store and the user's id.
+    async fn funded_store(amount: i64) -> (tempfile::TempDir, PathBuf, crate::Store, String) {
+        let (dir, path, url) = migrated_db().await;
+        let store = crate::Store::open(&url).await.unwrap();
+        let user = store.create_user("p", "paid").await.unwrap();
+        store.add_funds(&user, amount).await.unwrap();
+        (dir, path, store, user)
     }
 
     /// A writer on the file database at `url`, with the default limits.
