@@ -213,17 +213,16 @@ pub(crate) enum Op {
     ReleaseStale {
         max_age_ms: i64,
     },
-    /// Commits everything queued before it (the store's close) and copies
-    /// the write-ahead log into the database file in full, truncating it,
-    /// before it is answered, after which
-    /// the writer writes no reservation rows of its own: reservations still
-    /// unwritten then are dropped, as a crash drops them, instead of being
-    /// written a second later. Nor does it checkpoint the log any more
-    /// unless it commits again: a store opened again on the same database
-    /// in the same process writes to that same log, which the old writer
-    /// thread (it ends only when the last handle is dropped) would otherwise
-    /// copy and truncate under it. A store opened again on the same database
-    /// releases the closed one's open reservations (`Op::Recover`); a row
+    /// Commits everything queued before it (the store's close) and, before
+    /// it is answered, copies the write-ahead log into the database file in
+    /// full and truncates it. After it the writer writes no reservation
+    /// rows of its own: reservations still unwritten then are dropped, as a
+    /// crash drops them, instead of being written a second later. Nor does
+    /// it checkpoint the log any more unless it commits again: a store
+    /// opened again on the same database in the same process writes to
+    /// that same log, which the old writer thread (it ends only when the
+    /// last handle is dropped) would otherwise copy and truncate under it.
+    /// A store opened again on the same database releases the closed one's open reservations (`Op::Recover`); a row
     /// written by the old writer after that would stay open for good (seen
     /// in `ledger_props` with two busy loops on the cores, where the old
     /// writer thread ran late). Settlements and other operations queued
@@ -1917,7 +1916,7 @@ mod tests {
         let path = dir.path().join("s.db");
         let url = format!("sqlite://{}?mode=rwc", path.display());
         // Closed, its writer leaves the log alone, though its thread ends
-        // only later (see the test below).
+        // only later (see `a_closed_writer_leaves_the_log_alone`).
         crate::Store::open(&url).await.unwrap().close().await;
         (dir, path, url)
     }
