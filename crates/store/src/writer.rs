@@ -222,11 +222,11 @@ pub(crate) enum Op {
     /// opened again on the same database in the same process writes to
     /// that same log, which the old writer thread (it ends only when the
     /// last handle is dropped) would otherwise copy and truncate under it.
-    /// A store opened again on the same database releases the closed one's open reservations (`Op::Recover`); a row
-    /// written by the old writer after that would stay open for good (seen
-    /// in `ledger_props` with two busy loops on the cores, where the old
-    /// writer thread ran late). Settlements and other operations queued
-    /// later are still written.
+    /// A store opened again on the same database releases the closed one's
+    /// open reservations (`Op::Recover`); a row written by the old writer
+    /// after that would stay open for good (seen in `ledger_props` with two
+    /// busy loops on the cores, where the old writer thread ran late).
+    /// Settlements and other operations queued later are still written.
     Close,
 }
 
@@ -788,7 +788,7 @@ fn run(
                     // writer (done at the close already, unless it wrote
                     // since).
                     if st.ours_to_checkpoint() {
-                        st.truncate_wal("the writer's last");
+                        st.copy_whole_log("the writer's last");
                     }
                     return None;
                 }
@@ -1087,7 +1087,7 @@ impl<'c> State<'c> {
                         } else {
                             if matches!(job.op, Op::Close) && result.is_ok() {
                                 self.p.closed = true;
-                                self.truncate_wal("the close's");
+                                self.copy_whole_log("the close's");
                             }
                             job.answer(result);
                         }
@@ -1122,24 +1122,15 @@ impl<'c> State<'c> {
     }
 
     /// Copies the whole log into the database file and truncates it
-    /// (`what` names the copy in the warning if it fails, for instance
-    /// because a reader held an old snapshot for all of
+    /// ([`truncate_wal`]; `what` names the copy in the warning if it fails,
+    /// for instance because a reader held an old snapshot for all of
     /// [`CLOSE_COPY_WAIT`]: the log then stays as it was, which loses
     /// nothing).
-    fn truncate_wal(&mut self, what: &str) {
-        let conn = self.db.conn;
-        let copied = conn.busy_timeout(CLOSE_COPY_WAIT).and_then(|()| {
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                r.get::<_, i64>(0)
-            })
-        });
-        match copied {
-            Ok(0) => {}
-            Ok(_) => tracing::warn!("{what} WAL checkpoint found the log in use by a reader"),
+    fn copy_whole_log(&mut self, what: &str) {
+        match truncate_wal(self.db.conn, CLOSE_COPY_WAIT) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("{what} WAL checkpoint found the log in use by a reader"),
             Err(e) => tracing::warn!(error = %e, "{what} WAL checkpoint failed"),
-        }
-        if let Err(e) = conn.busy_timeout(BUSY_TIMEOUT) {
-            tracing::warn!(error = %e, "could not set the writer's busy timeout back");
         }
         self.p.written_after_close = false;
     }
@@ -1221,15 +1212,24 @@ fn bound_wal(conn: &Connection, wal: &Path, limit: u64, wait: Duration) -> Resul
     if size <= limit {
         return Ok(WalBound::Under);
     }
+    Ok(if truncate_wal(conn, wait)? {
+        WalBound::Truncated { from: size }
+    } else {
+        WalBound::Busy { size }
+    })
+}
+
+/// Copies all of the log into the database and truncates it
+/// (`wal_checkpoint(TRUNCATE)`) on `conn`, waiting at most `wait` for
+/// readers of older snapshots: false when one (or another connection's
+/// checkpoint) stayed in the way, and the log was left as it was.
+fn truncate_wal(conn: &Connection, wait: Duration) -> Result<bool> {
     conn.busy_timeout(wait)?;
     let busy = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
         r.get::<_, i64>(0)
     });
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    Ok(match busy? {
-        0 => WalBound::Truncated { from: size },
-        _ => WalBound::Busy { size },
-    })
+    Ok(busy? == 0)
 }
 
 /// Logs what became of a detached settlement (see [`Writer::detach`]).
