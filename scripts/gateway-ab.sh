@@ -14,7 +14,7 @@
 # second at c=1, and this runs long ones (the ledger's checkpoints every
 # quarter of a second are inside them either way).
 #
-#   scripts/gateway-ab.sh [--busy] ROUNDS SECONDS BINARY...
+#   scripts/gateway-ab.sh [--busy] [--hold-lock S] ROUNDS SECONDS BINARY...
 #
 # Lines name each build by its file name: copy builds to names of their own
 # (cp target/release/sluice /tmp/sluice-before).
@@ -23,18 +23,27 @@
 # (`chrt -i 0`): they keep the vCPUs from ever halting without taking CPU
 # from anything else, which on some VMs makes disk flushes, and so the
 # ledger writer's checkpoints, slow (README, "Benchmarks").
+# --hold-lock S: two seconds into each measured run, another connection
+# (python3's sqlite3) holds the ledger's write lock for S seconds (BEGIN
+# IMMEDIATE, then ROLLBACK), so that the writer's commit waits that long,
+# as it waits for a slow disk flush; non2xx then counts the requests the
+# gateway turned away meanwhile.
 # Env: CONNS (default 1). Needs wrk (Debian package).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/gateway-common.sh
 
 busy=0
-if [ "${1:-}" = "--busy" ]; then
-  busy=1
-  shift
-fi
+hold=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --busy) busy=1; shift ;;
+    --hold-lock) hold="${2:?--hold-lock needs seconds}"; shift 2 ;;
+    *) break ;;
+  esac
+done
 if [ $# -lt 3 ]; then
-  sed -n '2,26p' "$0" >&2
+  sed -n '2,32p' "$0" >&2
   exit 2
 fi
 rounds="$1"
@@ -87,11 +96,22 @@ for round in $(seq 1 "$rounds"); do
     latency:percentile(99.9) / 1000, summary.requests / (summary.duration / 1e6),
     summary.errors.status))'
     wrk -t1 -c"$conns" -d2s -s "$run/post.lua" "$url" >/dev/null
+    if [ -n "$hold" ]; then
+      python3 - "$run/data/sluice.db" "$hold" <<'PY' &
+import sqlite3, sys, time
+time.sleep(2)
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
+db.execute("BEGIN IMMEDIATE")
+time.sleep(float(sys.argv[2]))
+db.execute("ROLLBACK")
+PY
+      pids+=($!)
+    fi
     result="$(wrk -t1 -c"$conns" -d"${seconds}s" -s "$run/post.lua" "$url" | tail -1)"
     wal="$(stat -c %s "$run"/data/*-wal 2>/dev/null | head -1 || true)"
     echo "$round $(basename "$bin") $result wal=${wal:-0}"
-    kill "$gw" "$mock" 2>/dev/null || true
-    wait "$gw" "$mock" 2>/dev/null || true
+    kill "${pids[@]}" 2>/dev/null || true
+    wait "${pids[@]}" 2>/dev/null || true
     pids=()
   done
 done

@@ -40,8 +40,9 @@
 //!
 //! A failing operation undoes only itself (the batch is run again with a
 //! savepoint per operation when one fails). The queue is bounded: callers
-//! wait when it is full, and the API turns requests away meanwhile
-//! ([`Writer::backlogged`]). The writer copies the write-ahead log into
+//! wait when it is full, and the API turns requests away meanwhile, or
+//! once one commit has held the writer for [`STUCK_AFTER`] with work
+//! waiting ([`Writer::backlogged`]). The writer copies the write-ahead log into
 //! the database file itself, between two batches, every
 //! [`CHECKPOINT_EVERY`], and truncates it when it has grown past
 //! [`WAL_LIMIT`].
@@ -63,8 +64,16 @@ use crate::sql::{self, Stmt};
 use crate::{now_ms, RequestRecord, Result, StoreError};
 use sluice_proto::machine::{MachineTicks, ThreadTicks};
 
-/// Operations waiting for the writer, at most.
-const QUEUE: usize = 4096;
+/// Operations waiting for the writer, at most: in its queue, and again in
+/// the list of lingering settlements and releases. What the API keeps in
+/// memory while one slow commit holds the writer, before it turns
+/// requests away: the two hold about two seconds of requests at 16,000 a
+/// second (see [`STUCK_AFTER`]; a queued settlement with its request's
+/// row is about a kilobyte, so both full hold about 32 MB). At 4,096,
+/// half a second's worth at the gateway benchmark's rate, slow disk
+/// flushes on the sixteenth machine turned thousands of requests away
+/// (docs/benchmarks-history.md).
+const QUEUE: usize = 16_384;
 /// A batch this long commits without waiting for its deadline (the
 /// lingering operations taken at once may make it longer; they are at most
 /// [`QUEUE`]).
@@ -106,10 +115,10 @@ const BACKGROUND_NICE: i32 = 19;
 /// lingering list) from which the quiet writer thread hands the connection
 /// to the catch-up thread: before it commits that batch, or during the
 /// commit (rolled back, after a yield). Under `wrk -c32` on the
-/// thirteenth machine, with no other work, the quiet thread crossed a
-/// quarter of its queue 21 times in 15 s (and caught up by itself), half
-/// of it 11 times.
-const HAND_OVER_AT: usize = QUEUE / 2;
+/// thirteenth machine, with no other work, the quiet thread crossed 1,024
+/// waiting 21 times in 15 s (and caught up by itself), 2,048 11 times.
+/// (Half the queue until the queue grew from 4,096 to [`QUEUE`].)
+const HAND_OVER_AT: usize = 2048;
 /// Once its queue was full, the writer counts as backlogged (see
 /// [`Writer::backlogged`]) until no more than this waits in the queue.
 /// Without the margin, the writer taking its next batch (up to [`BATCH`])
@@ -118,6 +127,15 @@ const HAND_OVER_AT: usize = QUEUE / 2;
 /// busy loops on the fifteenth machine and 3 of 12 on the sixteenth (0 of
 /// 32 with the margin).
 const BACKLOG_CLEARS_AT: usize = QUEUE / 2;
+/// How long one commit (with the checkpoint after it) may hold the writer,
+/// with operations waiting, before the writer counts as backlogged (see
+/// [`Writer::backlogged`]) even though its queue is not full: at low rates
+/// finished requests then wait in memory for their commit about this long
+/// at most, not for as long as the queue would take to fill. A disk flush
+/// can hold a commit for a second or more on a VM whose vCPUs never idle
+/// (measured on the sixteenth machine: 90th percentile 26 ms, longest 588
+/// ms and 1.02 s, once 6 s): the queue rides out the shorter ones.
+const STUCK_AFTER: Duration = Duration::from_secs(2);
 /// A batch the quiet thread has been committing for this long (wall time)
 /// goes to the catch-up thread too (rolled back, after a yield). Its work
 /// is a millisecond or two; it takes this long only when other work keeps
@@ -348,25 +366,30 @@ pub(crate) struct Writer {
     fast: Arc<Mutex<FastPath>>,
     /// Times one writer thread handed the connection to the other.
     handovers: Arc<AtomicU64>,
-    /// The queue was full and has not drained to [`BACKLOG_CLEARS_AT`]
-    /// since.
+    /// The queue was full, or a commit held the writer too long, and the
+    /// queue has not drained to [`BACKLOG_CLEARS_AT`] since.
     backlog: Backlog,
+    /// Since when the current commit holds the writer.
+    busy: Arc<Busy>,
+    stuck_after: Duration,
 }
 
 /// Whether the writer is behind, with a margin (see
-/// [`BACKLOG_CLEARS_AT`]): set when its queue is full, cleared when the
-/// queue has drained that far.
+/// [`BACKLOG_CLEARS_AT`]): set when its queue is full or it is stuck in
+/// one commit, cleared when the queue has drained that far.
 #[derive(Default)]
 struct Backlog(AtomicBool);
 
 impl Backlog {
     /// Whether the writer is behind, given `queued` operations waiting in
-    /// its queue of [`QUEUE`].
-    fn observe(&self, queued: usize) -> bool {
-        if queued >= QUEUE {
+    /// its queue of [`QUEUE`] and whether one commit has held it for too
+    /// long with work waiting (see [`STUCK_AFTER`]).
+    fn observe(&self, queued: usize, stuck: bool) -> bool {
+        if queued >= QUEUE || stuck {
             if !self.0.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     queued,
+                    stuck,
                     "the ledger writer is behind: turning new requests away until it catches up"
                 );
             }
@@ -385,6 +408,52 @@ impl Backlog {
             );
         }
         false
+    }
+}
+
+/// When the commit under way (with the checkpoint after it) began, for
+/// [`Writer::backlogged`]: the writer threads mark their commits, callers
+/// read how long the current one has taken.
+struct Busy {
+    base: Instant,
+    /// Milliseconds from `base` to the start of the commit under way, plus
+    /// one; 0 between commits.
+    since: AtomicU64,
+}
+
+impl Busy {
+    fn new() -> Busy {
+        Busy {
+            base: Instant::now(),
+            since: AtomicU64::new(0),
+        }
+    }
+
+    /// Marks a commit under way until the guard drops.
+    fn enter(&self) -> BusyGuard<'_> {
+        let ms = self.base.elapsed().as_millis() as u64;
+        self.since.store(ms + 1, Ordering::Relaxed);
+        BusyGuard(self)
+    }
+
+    /// How long the commit under way has taken so far (zero between
+    /// commits).
+    fn so_far(&self) -> Duration {
+        match self.since.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            since => self
+                .base
+                .elapsed()
+                .saturating_sub(Duration::from_millis(since - 1)),
+        }
+    }
+}
+
+struct BusyGuard<'a>(&'a Busy);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.since.store(0, Ordering::Relaxed);
     }
 }
 
@@ -411,17 +480,20 @@ impl Writer {
         // Cannot fail: the receiver is right here.
         let _ = to_quiet.send(baton);
         let handovers = Arc::new(AtomicU64::new(0));
+        let busy = Arc::new(Busy::new());
         let quiet = Turn {
             relay,
             rx: rx.clone(),
             fast: fast.clone(),
             handovers: handovers.clone(),
+            busy: busy.clone(),
         };
         let catch_up = Turn {
             relay,
             rx,
             fast: fast.clone(),
             handovers: handovers.clone(),
+            busy: busy.clone(),
         };
         std::thread::Builder::new()
             .name("sluice-ledger".into())
@@ -441,20 +513,27 @@ impl Writer {
             fast,
             handovers,
             backlog: Backlog::default(),
+            busy,
+            stuck_after: relay.stuck_after,
         }))
     }
 
     /// Whether the writer has fallen so far behind that callers wait to
     /// queue work: its queue is full (settlements and releases fill the
-    /// lingering list, as long as the queue, before they join it). The API
+    /// lingering list, as long as the queue, before they join it), or one
+    /// commit has held it for [`STUCK_AFTER`] while work waits. The API
     /// turns new requests away while this holds, so that finished requests
-    /// waiting to settle stay bounded (a writer that gets too little CPU, or
-    /// waits for a lock another process holds, would otherwise let them
-    /// pile up). It stays so until half the queue has drained (see
-    /// [`BACKLOG_CLEARS_AT`]). The catch-up thread (see
-    /// [`BACKGROUND_NICE`]) takes over long before, at half the queue.
+    /// waiting to settle stay bounded in number and in time (a writer that
+    /// gets too little CPU, waits for a lock another process holds or for
+    /// a slow disk would otherwise let them pile up). It stays so until
+    /// half the queue has drained (see [`BACKLOG_CLEARS_AT`]). The
+    /// catch-up thread (see [`BACKGROUND_NICE`]) takes over long before,
+    /// at [`HAND_OVER_AT`].
     pub fn backlogged(&self) -> bool {
-        self.backlog.observe(self.tx.len())
+        let queued = self.tx.len();
+        let stuck = self.busy.so_far() >= self.stuck_after
+            && (queued > 0 || !lock(&self.fast).lingering.is_empty());
+        self.backlog.observe(queued, stuck)
     }
 
     /// Times the writer threads handed the connection to each other (see
@@ -537,7 +616,7 @@ impl Writer {
                 Err(flume::TrySendError::Full(msg)) => msg,
             };
             // Full: behind, even if nobody asks before it drains a little.
-            self.backlog.observe(QUEUE);
+            self.backlog.observe(QUEUE, false);
             self.tx.send_async(msg).await.map_err(|_| stopped())?;
         }
         Ok(())
@@ -614,7 +693,8 @@ enum Role {
     Alone,
 }
 
-/// When the writer threads hand the connection to each other.
+/// When the writer threads hand the connection to each other, and when
+/// the writer counts as backlogged.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Relay {
     /// Operations waiting (see [`HAND_OVER_AT`]) from which the quiet
@@ -630,6 +710,9 @@ pub(crate) struct Relay {
     /// The catch-up thread's wait for a CPU per time running over that
     /// hold, below which it hands back.
     pub max_wait_per_run: f64,
+    /// How long one commit may hold the writer before it counts as
+    /// backlogged (see [`STUCK_AFTER`]).
+    pub stuck_after: Duration,
 }
 
 impl Relay {
@@ -639,6 +722,7 @@ impl Relay {
         hold: CATCH_UP_HOLD,
         min_idle_pct: MIN_IDLE_PCT,
         max_wait_per_run: MAX_WAIT_PER_RUN,
+        stuck_after: STUCK_AFTER,
     };
 }
 
@@ -648,6 +732,7 @@ struct Turn {
     rx: flume::Receiver<Msg>,
     fast: Arc<Mutex<FastPath>>,
     handovers: Arc<AtomicU64>,
+    busy: Arc<Busy>,
 }
 
 /// What the writing thread holds, and hands to the other between batches.
@@ -703,6 +788,7 @@ impl Pending {
 struct State<'c> {
     db: Prepared<'c>,
     fast: Arc<Mutex<FastPath>>,
+    busy: Arc<Busy>,
     role: Role,
     p: Pending,
 }
@@ -734,7 +820,7 @@ fn write_in_turn(
             },
         };
         let Baton { conn, pending } = baton;
-        let Some(pending) = run(&conn, &turn.rx, &turn.fast, role, turn.relay, pending) else {
+        let Some(pending) = run(&conn, turn, role, pending) else {
             return;
         };
         let baton = Baton { conn, pending };
@@ -758,15 +844,9 @@ fn write_in_turn(
 /// Runs the writer's loop on this thread. `Some` with the state to hand
 /// to the other thread when `role` and `relay` say it should write now;
 /// `None` once every handle is gone and everything is committed.
-fn run(
-    conn: &Connection,
-    rx: &flume::Receiver<Msg>,
-    fast: &Arc<Mutex<FastPath>>,
-    role: Role,
-    relay: Relay,
-    pending: Pending,
-) -> Option<Pending> {
-    let mut st = State::resume(conn, fast.clone(), role, pending);
+fn run(conn: &Connection, turn: &Turn, role: Role, pending: Pending) -> Option<Pending> {
+    let (rx, relay) = (&turn.rx, turn.relay);
+    let mut st = State::resume(conn, turn, role, pending);
     // The catch-up thread's window: since when it has kept up, and the
     // cores' and its own counters then (`None` while it is behind).
     let mut window: Option<(Instant, Counters)> = None;
@@ -884,10 +964,11 @@ impl Counters {
 }
 
 impl<'c> State<'c> {
-    fn resume(conn: &'c Connection, fast: Arc<Mutex<FastPath>>, role: Role, p: Pending) -> Self {
+    fn resume(conn: &'c Connection, turn: &Turn, role: Role, p: Pending) -> Self {
         State {
             db: Prepared::new(conn),
-            fast,
+            fast: turn.fast.clone(),
+            busy: turn.busy.clone(),
             role,
             p,
         }
@@ -1037,7 +1118,10 @@ impl<'c> State<'c> {
     /// The quiet thread yields between items and asks `give_up` after each
     /// yield: when it says so, the batch is rolled back and kept (to commit
     /// as soon as possible, on the other thread) and the answer is false.
+    /// Marked in [`Busy`] while under way, the checkpoint after it too.
     fn commit(&mut self, give_up: &dyn Fn() -> bool) -> bool {
+        let busy = self.busy.clone();
+        let _busy = busy.enter();
         // After a close, reservations stay unwritten (see `Op::Close`).
         if !self.p.closed {
             let cutoff = now_ms() - HOLD_UNWRITTEN.as_millis() as i64;
@@ -1564,8 +1648,10 @@ mod tests {
     use super::{bound_wal, sqlite_path, wal_path, Op, Prepared, Reply, WalBound, Writer};
     use crate::ledger::Settlement;
     use crate::sql::{self, OnError};
+    use crate::Result;
     use rusqlite::Connection;
     use std::path::PathBuf;
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     /// A log over the limit is copied into the database and truncated,
@@ -1986,14 +2072,24 @@ mod tests {
     /// A writer held up (here by another connection's write lock) fills
     /// its queue and then says it is backlogged, so that the API turns new
     /// requests away; once it catches up it answers everything queued and
-    /// says so no longer.
+    /// says so no longer. (Held up for good here: only the full queue
+    /// counts, not how long the commit has taken.)
     #[tokio::test]
     async fn a_writer_that_falls_behind_says_so_until_it_catches_up() {
         let (_dir, path, url) = migrated_db().await;
-        let writer = std::sync::Arc::new(started(&url));
+        let relay = super::Relay {
+            stuck_after: Duration::MAX,
+            ..super::Relay::DEFAULT
+        };
+        let writer = std::sync::Arc::new(
+            Writer::start_with(&url, super::WAL_LIMIT, relay)
+                .unwrap()
+                .unwrap(),
+        );
         assert!(!writer.backlogged());
         let blocker = Connection::open(&path).unwrap();
         blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let first = held_up(&writer).await;
         let mut waiting = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !writer.backlogged() {
@@ -2002,17 +2098,52 @@ mod tests {
                 "not backlogged after {} operations",
                 waiting.len()
             );
-            let w = writer.clone();
-            waiting.push(tokio::spawn(async move { w.call(Op::Close).await }));
+            waiting.push(balance_later(&writer, waiting.len()));
             // Lets the spawned callers queue their operations.
             tokio::task::yield_now().await;
         }
         assert!(waiting.len() >= super::QUEUE, "{}", waiting.len());
         blocker.execute_batch("ROLLBACK").unwrap();
-        for op in waiting {
-            assert!(matches!(op.await.unwrap().unwrap(), Reply::Done));
-        }
+        assert_answered(first, waiting).await;
         assert!(!writer.backlogged());
+    }
+
+    /// Queues a write whose commit (with `blocker`'s lock held) holds the
+    /// writer up, and returns once the writer has taken it and has been
+    /// in its commit for a while (a free writer answers reads as they come).
+    async fn held_up(writer: &Arc<Writer>) -> tokio::task::JoinHandle<Result<Reply>> {
+        let w = writer.clone();
+        let first = tokio::spawn(async move { w.call(Op::Close).await });
+        let started = Instant::now();
+        while !writer.tx.is_empty() || writer.busy.so_far() < Duration::from_millis(100) {
+            assert!(started.elapsed() < Duration::from_secs(10), "never held up");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        first
+    }
+
+    /// Queues a read of the `i`th user's balance: answered at once by a
+    /// free writer, it waits in the queue behind a held-up one.
+    fn balance_later(writer: &Arc<Writer>, i: usize) -> tokio::task::JoinHandle<Result<Reply>> {
+        let w = writer.clone();
+        tokio::spawn(async move {
+            w.call(Op::Balance {
+                user_id: format!("u{i}"),
+            })
+            .await
+        })
+    }
+
+    /// The write of [`held_up`] and every read of [`balance_later`] were
+    /// answered.
+    async fn assert_answered(
+        first: tokio::task::JoinHandle<Result<Reply>>,
+        waiting: Vec<tokio::task::JoinHandle<Result<Reply>>>,
+    ) {
+        assert!(matches!(first.await.unwrap().unwrap(), Reply::Done));
+        for op in waiting {
+            assert!(matches!(op.await.unwrap().unwrap(), Reply::Balance { .. }));
+        }
     }
 
     /// Once full, the queue must drain to half before the writer stops
@@ -2022,15 +2153,67 @@ mod tests {
     fn a_full_queue_stays_backlogged_until_half_of_it_drains() {
         let b = super::Backlog::default();
         let q = super::QUEUE;
-        assert!(!b.observe(0));
-        assert!(!b.observe(q - 1));
-        assert!(b.observe(q));
-        assert!(b.observe(q - super::BATCH));
-        assert!(b.observe(super::BACKLOG_CLEARS_AT + 1));
-        assert!(!b.observe(super::BACKLOG_CLEARS_AT));
+        assert!(!b.observe(0, false));
+        assert!(!b.observe(q - 1, false));
+        assert!(b.observe(q, false));
+        assert!(b.observe(q - super::BATCH, false));
+        assert!(b.observe(super::BACKLOG_CLEARS_AT + 1, false));
+        assert!(!b.observe(super::BACKLOG_CLEARS_AT, false));
         // Cleared: filling again up to just below full is not behind.
-        assert!(!b.observe(q - 1));
-        assert!(b.observe(q));
+        assert!(!b.observe(q - 1, false));
+        assert!(b.observe(q, false));
+        assert!(!b.observe(0, false));
+        // A stuck commit is behind whatever the queue holds, and the queue
+        // then has to drain as far as after a full one.
+        assert!(b.observe(1, true));
+        assert!(b.observe(super::BACKLOG_CLEARS_AT + 1, false));
+        assert!(!b.observe(super::BACKLOG_CLEARS_AT, false));
+    }
+
+    /// A commit held up for less than `stuck_after` (here by another
+    /// connection's write lock, as a slow disk flush would) lets more
+    /// operations queue than the old limit of 4,096 without the writer
+    /// counting as behind, so the API keeps taking requests; once the
+    /// commit has taken `stuck_after` with work waiting, it is behind;
+    /// once the lock goes it answers everything and is not.
+    #[tokio::test]
+    async fn a_short_stall_is_ridden_out_and_a_long_one_is_not() {
+        let (_dir, path, url) = migrated_db().await;
+        let stuck_after = Duration::from_millis(1500);
+        let relay = super::Relay {
+            stuck_after,
+            ..super::Relay::DEFAULT
+        };
+        let writer = std::sync::Arc::new(
+            Writer::start_with(&url, super::WAL_LIMIT, relay)
+                .unwrap()
+                .unwrap(),
+        );
+        let blocker = Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let held = Instant::now();
+        let first = held_up(&writer).await;
+        let mut waiting = Vec::new();
+        for i in 0..6000 {
+            waiting.push(balance_later(&writer, i));
+            tokio::task::yield_now().await;
+        }
+        let queued = writer.tx.len();
+        let backlogged = writer.backlogged();
+        // What follows only holds if the queue filled within the wait.
+        if held.elapsed() < stuck_after {
+            assert!(queued > 4096, "{queued}");
+            assert!(!backlogged, "behind after {:?}", held.elapsed());
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !writer.backlogged() {
+            assert!(Instant::now() < deadline, "not behind while stuck");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(held.elapsed() >= stuck_after, "{:?}", held.elapsed());
+        blocker.execute_batch("ROLLBACK").unwrap();
+        assert_answered(first, waiting).await;
+        assert!(!writer.backlogged());
     }
 
     /// Thresholds for the churn tests: the quiet thread hands over before
@@ -2041,6 +2224,7 @@ mod tests {
         hold: Duration::ZERO,
         min_idle_pct: 0.0,
         max_wait_per_run: f64::INFINITY,
+        stuck_after: super::STUCK_AFTER,
     };
 
     /// With thresholds that make the writer threads hand the connection
