@@ -371,6 +371,8 @@ pub(crate) struct Writer {
     backlog: Backlog,
     /// Since when the current commit holds the writer.
     busy: Arc<Busy>,
+    /// How long that may be before the writer counts as backlogged (see
+    /// [`STUCK_AFTER`]).
     stuck_after: Duration,
 }
 
@@ -2081,7 +2083,7 @@ mod tests {
             stuck_after: Duration::MAX,
             ..super::Relay::DEFAULT
         };
-        let writer = std::sync::Arc::new(
+        let writer = Arc::new(
             Writer::start_with(&url, super::WAL_LIMIT, relay)
                 .unwrap()
                 .unwrap(),
@@ -2184,7 +2186,7 @@ mod tests {
             stuck_after,
             ..super::Relay::DEFAULT
         };
-        let writer = std::sync::Arc::new(
+        let writer = Arc::new(
             Writer::start_with(&url, super::WAL_LIMIT, relay)
                 .unwrap()
                 .unwrap(),
