@@ -27,7 +27,7 @@
 # (python3's sqlite3) holds the ledger's write lock for S seconds (BEGIN
 # IMMEDIATE, then ROLLBACK), so that the writer's commit waits that long,
 # as it waits for a slow disk flush; non2xx then counts the requests the
-# gateway turned away meanwhile.
+# gateway turned away meanwhile (needs python3).
 # Env: CONNS (default 1). Needs wrk (Debian package).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +43,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ $# -lt 3 ]; then
-  sed -n '2,32p' "$0" >&2
+  sed -n '2,31p' "$0" >&2
   exit 2
 fi
 rounds="$1"

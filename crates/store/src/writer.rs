@@ -42,8 +42,8 @@
 //! savepoint per operation when one fails). The queue is bounded: callers
 //! wait when it is full, and the API turns requests away meanwhile, or
 //! once one commit has held the writer for [`STUCK_AFTER`] with work
-//! waiting ([`Writer::backlogged`]). The writer copies the write-ahead log into
-//! the database file itself, between two batches, every
+//! waiting ([`Writer::backlogged`]). The writer copies the write-ahead
+//! log into the database file itself, between two batches, every
 //! [`CHECKPOINT_EVERY`], and truncates it when it has grown past
 //! [`WAL_LIMIT`].
 
