@@ -99,6 +99,7 @@ pub async fn admit(
     // Before anything is taken: a ledger writer that is behind would make
     // this request's settlement wait in memory after its answer.
     if state.store.ledger_backlogged() {
+        state.metrics.inc("sluice_ledger_refusals_total", &[], 1);
         return Err(ApiError::Overloaded {
             message:
                 "This validator is behind on recording finished requests; please retry shortly."

@@ -144,6 +144,11 @@ const HELP: &[(&str, &str, &str)] = &[
         "counter",
         "Times the embedded store's ledger writer handed its connection between its quiet and catch-up threads (rises while other work keeps the cores busy).",
     ),
+    (
+        "sluice_ledger_refusals_total",
+        "counter",
+        "Requests turned away (503 overloaded) because the embedded store's ledger writer was behind: its queue full, or one commit held for 2 s.",
+    ),
 ];
 
 #[derive(Default)]

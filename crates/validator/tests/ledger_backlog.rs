@@ -68,6 +68,21 @@ async fn a_validator_behind_on_its_ledger_turns_requests_away_until_it_catches_u
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(code(&body), "overloaded", "{body}");
     assert_eq!(body["error"]["type"], "service_unavailable", "{body}");
+    // Counted for the operator.
+    let metrics = http
+        .get(format!("http://{}/metrics", validator.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "sluice_ledger_refusals_total 1"),
+        "{metrics}"
+    );
 
     // The lock goes: the writer commits everything queued, and the API
     // admits requests again (this one then finds no miner).
