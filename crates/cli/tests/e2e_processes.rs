@@ -117,6 +117,13 @@ async fn validator_and_two_miner_processes_serve_requests() {
             .any(|l| l.starts_with("sluice_ledger_handovers_total ")),
         "{metrics}"
     );
+    // Nothing was turned away for the ledger, and the counter says so.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "sluice_ledger_refusals_total 0"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -228,6 +228,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
         &[],
         state.store.ledger_handovers() as f64,
     );
+    // Shown from the start (at 0), so that a rate over it is defined.
+    state.metrics.inc("sluice_ledger_refusals_total", &[], 0);
     (
         [(
             axum::http::header::CONTENT_TYPE,
