@@ -1991,7 +1991,13 @@ mod tests {
 
     /// A writer on the file database at `url`, with the default limits.
     fn started(url: &str) -> Writer {
-        Writer::start_with(url, super::WAL_LIMIT, super::Relay::DEFAULT)
+        started_with(url, super::Relay::DEFAULT)
+    }
+
+    /// A writer on the file database at `url`, with the default log limit
+    /// and `relay`'s thresholds.
+    fn started_with(url: &str, relay: super::Relay) -> Writer {
+        Writer::start_with(url, super::WAL_LIMIT, relay)
             .unwrap()
             .expect("a file database")
     }
@@ -2083,11 +2089,7 @@ mod tests {
             stuck_after: Duration::MAX,
             ..super::Relay::DEFAULT
         };
-        let writer = Arc::new(
-            Writer::start_with(&url, super::WAL_LIMIT, relay)
-                .unwrap()
-                .unwrap(),
-        );
+        let writer = Arc::new(started_with(&url, relay));
         assert!(!writer.backlogged());
         let blocker = Connection::open(&path).unwrap();
         blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
@@ -2186,11 +2188,7 @@ mod tests {
             stuck_after,
             ..super::Relay::DEFAULT
         };
-        let writer = Arc::new(
-            Writer::start_with(&url, super::WAL_LIMIT, relay)
-                .unwrap()
-                .unwrap(),
-        );
+        let writer = Arc::new(started_with(&url, relay));
         let blocker = Connection::open(&path).unwrap();
         blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
         let held = Instant::now();
@@ -2236,11 +2234,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn operations_survive_hand_overs_between_the_writer_threads() {
         let (_dir, path, url) = migrated_db().await;
-        let writer = std::sync::Arc::new(
-            Writer::start_with(&url, super::WAL_LIMIT, CHURN)
-                .unwrap()
-                .unwrap(),
-        );
+        let writer = Arc::new(started_with(&url, CHURN));
         const TASKS: usize = 64;
         const EACH: usize = 40;
         let mut tasks = Vec::new();
