@@ -397,6 +397,7 @@ pub fn miner_config(args: &MinerArgs) -> Result<MinerConfig> {
         bail!("--model and --slots apply to the llama engine only");
     }
     cfg.validate()
+        .and_then(|()| cfg.check_reachable())
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     Ok(cfg)
 }

@@ -230,4 +230,23 @@ fn refuses_to_start_on_bad_config() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen"));
+    // A miner listening on every interface must say where it can be
+    // reached; the flag may come after a config file that leaves it out.
+    let miner = |extra: &[&str]| {
+        std::process::Command::new(bin())
+            .args(["miner", "--listen", "0.0.0.0:9000", "--check-config"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = miner(&[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("set advertise"), "{stderr}");
+    let out = miner(&["--advertise", "http://192.0.2.10:9000"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -82,6 +82,25 @@ impl MinerConfig {
         }
         Ok(())
     }
+
+    /// Whether the validator will be told an address it can dial: listening
+    /// on every interface (`0.0.0.0`, `[::]`) names no machine, so it needs
+    /// `advertise`; without, the miner would register `http://0.0.0.0:port`,
+    /// which a validator on another machine dials as itself. Not part of
+    /// [`MinerConfig::validate`], which also runs on a config file before
+    /// flags and the environment may supply `advertise`.
+    pub fn check_reachable(&self) -> Result<(), String> {
+        if self.advertise.is_none() && self.listen.ip().is_unspecified() {
+            return Err(format!(
+                "listen = {} accepts on every interface, so it is no address to reach this miner at: \
+                 set advertise (--advertise, SLUICE_ADVERTISE) to the http:// URL the validator can dial, \
+                 such as http://<this machine's address>:{}",
+                self.listen,
+                self.listen.port()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Which engine a miner runs.
@@ -194,6 +213,27 @@ mod tests {
             EngineConfig::Fake(s) => assert_eq!(s.die_after, Some(3)),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn listening_everywhere_needs_advertise_but_a_file_may_leave_it_to_flags() {
+        // The file alone parses: `advertise` may still come from a flag.
+        let c = MinerConfig::from_toml(
+            "validator = \"http://127.0.0.1:8000\"\nlisten = \"0.0.0.0:9000\"\n",
+        )
+        .unwrap();
+        let e = c.check_reachable().unwrap_err();
+        assert!(e.contains("advertise") && e.contains("0.0.0.0:9000"), "{e}");
+        let with = MinerConfig {
+            advertise: Some("http://192.0.2.10:9000".into()),
+            ..c.clone()
+        };
+        assert_eq!(with.check_reachable(), Ok(()));
+        let local = MinerConfig {
+            listen: "127.0.0.1:9000".parse().unwrap(),
+            ..c
+        };
+        assert_eq!(local.check_reachable(), Ok(()));
     }
 
     #[test]

@@ -69,6 +69,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<Running, MinerError> {
     config.validate().map_err(MinerError::Config)?;
+    config.check_reachable().map_err(MinerError::Config)?;
     let key = sluice_proto::keyfile::load_or_create_key(&config.data_dir.join("miner.key"))
         .map_err(MinerError::Io)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -484,6 +485,47 @@ mod tests {
             .iter()
             .map(|e| serde_json::from_str(e).unwrap())
             .collect()
+    }
+
+    /// Listening on every interface says nothing about where the validator
+    /// can reach the miner: without `advertise` it would register
+    /// `http://0.0.0.0:port`, which a validator on another machine dials as
+    /// itself. Refused before anything is bound or registered.
+    #[tokio::test]
+    async fn listening_everywhere_needs_an_advertised_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = || -> Arc<dyn Engine> {
+            Arc::new(Listed {
+                events: vec![InvokeEvent::Started { prompt_tokens: 1 }],
+                gap: false,
+            })
+        };
+        for any in ["0.0.0.0:0", "[::]:0"] {
+            let config = MinerConfig {
+                listen: any.parse().unwrap(),
+                data_dir: dir.path().to_path_buf(),
+                ..Default::default()
+            };
+            let Err(e) = start(config, engine(), CancellationToken::new()).await else {
+                panic!("{any}: a miner without advertise must be refused");
+            };
+            assert!(matches!(e, MinerError::Config(_)), "{any}: {e}");
+            assert!(e.to_string().contains("advertise"), "{any}: {e}");
+        }
+        // With advertise, the same listen address starts (no validator
+        // answers at the discard port: registration retries until stopped).
+        let config = MinerConfig {
+            validator: "http://127.0.0.1:9".into(),
+            listen: "0.0.0.0:0".parse().unwrap(),
+            advertise: Some("http://127.0.0.1:9".into()),
+            data_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        let stop = CancellationToken::new();
+        let running = start(config, engine(), stop.clone()).await.unwrap();
+        assert_eq!(running.endpoint, "http://127.0.0.1:9");
+        stop.cancel();
+        running.handle.await.unwrap().unwrap();
     }
 
     #[tokio::test]
