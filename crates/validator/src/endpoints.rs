@@ -74,20 +74,34 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
 }
 
 /// Checks an endpoint (`http://host[:port][/path]`, already validated as
-/// such) under `policy`. Under `Public` its host must resolve to public
-/// addresses only; the endpoint comes back with the host replaced by the
-/// first of them. Under `Any` it comes back as it is.
+/// such) under `policy`. Under either, its host must not be the
+/// unspecified address (`0.0.0.0`, `[::]`): a miner listening on every
+/// interface that registered it would have this validator dial itself.
+/// Under `Public` its host must resolve to public addresses only; the
+/// endpoint comes back with the host replaced by the first of them. Under
+/// `Any` it comes back as it is.
 pub async fn admit(policy: MinerEndpoints, endpoint: &str) -> Result<String, String> {
+    let mut url =
+        reqwest::Url::parse(endpoint).map_err(|e| format!("endpoint is not a URL: {e}"))?;
+    let host = url.host_str().ok_or("endpoint names no host")?;
+    let literal: Option<IpAddr> = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok();
+    if literal.is_some_and(|ip| ip.is_unspecified()) {
+        return Err(format!(
+            "endpoint host {host} names no machine (it is what a server listening on every \
+             interface binds): the miner must advertise an address this validator can dial"
+        ));
+    }
     if policy == MinerEndpoints::Any {
         return Ok(endpoint.to_string());
     }
-    let mut url =
-        reqwest::Url::parse(endpoint).map_err(|e| format!("endpoint is not a URL: {e}"))?;
     let port = url.port_or_known_default().unwrap_or(80);
-    let host = url.host_str().ok_or("endpoint names no host")?;
-    let addrs: Vec<IpAddr> = match host.trim_start_matches('[').trim_end_matches(']').parse() {
-        Ok(ip) => vec![ip],
-        Err(_) => tokio::net::lookup_host((host, port))
+    let addrs: Vec<IpAddr> = match literal {
+        Some(ip) => vec![ip],
+        None => tokio::net::lookup_host((host, port))
             .await
             .map_err(|e| format!("endpoint host `{host}` does not resolve: {e}"))?
             .map(|a| a.ip())

@@ -288,6 +288,11 @@ mod tests {
         ] {
             assert_endpoint_refused(&base, bad, "http://").await;
         }
+        // What a miner listening on every interface binds is no address
+        // to dial (this validator would dial itself).
+        for anywhere in ["http://0.0.0.0:9000", "http://[::]:9000"] {
+            assert_endpoint_refused(&base, anywhere, "names no machine").await;
+        }
         let (status, body) = register(&base, "http://127.0.0.1:9000").await;
         assert_eq!(status, 200, "{body}");
         stop.cancel();
