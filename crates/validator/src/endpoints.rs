@@ -89,7 +89,7 @@ pub async fn admit(policy: MinerEndpoints, endpoint: &str) -> Result<String, Str
         .trim_end_matches(']')
         .parse()
         .ok();
-    if literal.is_some_and(|ip| ip.is_unspecified()) {
+    if literal.is_some_and(|ip| ip.to_canonical().is_unspecified()) {
         return Err(format!(
             "endpoint host {host} names no machine (it is what a server listening on every \
              interface binds): the miner must advertise an address this validator can dial"

@@ -290,7 +290,11 @@ mod tests {
         }
         // What a miner listening on every interface binds is no address
         // to dial (this validator would dial itself).
-        for anywhere in ["http://0.0.0.0:9000", "http://[::]:9000"] {
+        for anywhere in [
+            "http://0.0.0.0:9000",
+            "http://[::]:9000",
+            "http://[::ffff:0.0.0.0]:9000",
+        ] {
             assert_endpoint_refused(&base, anywhere, "names no machine").await;
         }
         let (status, body) = register(&base, "http://127.0.0.1:9000").await;
