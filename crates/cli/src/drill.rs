@@ -170,7 +170,7 @@ async fn chaos_in(args: &ChaosArgs, dir: &Path) -> Result<()> {
     println!("chaos: {passed} passed, {failed} failed");
     shutdown.cancel();
     drop(children);
-    let _ = validator.handle.await;
+    let _ = validator.finish().await;
     if failed > 0 {
         bail!("{failed} requests failed");
     }

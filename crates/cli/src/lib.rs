@@ -348,7 +348,7 @@ async fn run_validator(args: ValidatorArgs) -> Result<()> {
     shutdown_signal().await;
     eprintln!("shutting down");
     shutdown.cancel();
-    running.handle.await.context("validator task")??;
+    running.finish().await?;
     Ok(())
 }
 

@@ -142,6 +142,6 @@ pub async fn run(args: UpArgs) -> Result<()> {
     for m in miners {
         let _ = m.handle.await;
     }
-    validator.handle.await.context("validator task")??;
+    validator.finish().await?;
     Ok(())
 }

@@ -272,6 +272,13 @@ async fn up_serves_the_openai_api_with_the_real_model() {
     // Clean shutdown on SIGTERM.
     let status = up.terminate(Duration::from_secs(30));
     assert!(status.success(), "exit status {status:?}");
+    // The ledger's connection closed before the exit: the database file
+    // alone is left, without its write-ahead log.
+    assert!(data.join("sluice.db").exists());
+    assert!(
+        !data.join("sluice.db-wal").exists(),
+        "a -wal file was left after a clean shutdown"
+    );
 
     // No prompt or completion text anywhere on disk or in the logs; the
     // request id reached the miner that served it.

@@ -227,6 +227,20 @@ impl Store {
         self.pool.close().await;
     }
 
+    /// Resolves once the ledger writer's connection is closed (at once
+    /// without one, on PostgreSQL), which happens after [`Store::close`]
+    /// when every clone of this store is dropped. Holds no clone: take it
+    /// before dropping them. A process that waits for it before exiting
+    /// leaves no `-wal` file next to the database.
+    pub fn ledger_closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let closed = self.writer.as_ref().map(|w| w.closed());
+        async move {
+            if let Some(closed) = closed {
+                closed.await;
+            }
+        }
+    }
+
     // ---- users and keys ----
 
     pub async fn create_user(&self, name: &str, tier: &str) -> Result<String> {

@@ -374,6 +374,9 @@ pub(crate) struct Writer {
     /// How long that may be before the writer counts as backlogged (see
     /// [`STUCK_AFTER`]).
     stuck_after: Duration,
+    /// Ends (its sender dropped) once the writing thread has closed the
+    /// connection, see [`Writer::closed`].
+    closed: tokio::sync::watch::Receiver<()>,
 }
 
 /// Whether the writer is behind, with a margin (see
@@ -475,9 +478,11 @@ impl Writer {
         let fast = Arc::new(Mutex::new(FastPath::default()));
         let (to_quiet, quiet_inbox) = std_mpsc::channel::<Baton>();
         let (to_catch_up, catch_up_inbox) = std_mpsc::channel::<Baton>();
+        let (closed_tx, closed) = tokio::sync::watch::channel(());
         let baton = Baton {
             conn,
             pending: Pending::new(wal_path(&path), wal_limit),
+            closed: closed_tx,
         };
         // Cannot fail: the receiver is right here.
         let _ = to_quiet.send(baton);
@@ -517,7 +522,21 @@ impl Writer {
             backlog: Backlog::default(),
             busy,
             stuck_after: relay.stuck_after,
+            closed,
         }))
+    }
+
+    /// Resolves once the writing thread has closed the ledger's connection,
+    /// which it does when every handle is dropped and everything is
+    /// committed. Holds no handle itself. A process that exits before then
+    /// kills the thread with the connection open, and SQLite then leaves
+    /// the (emptied) `-wal` file behind.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closed = self.closed.clone();
+        async move {
+            // Nothing is ever sent: this returns when the sender is dropped.
+            while closed.changed().await.is_ok() {}
+        }
     }
 
     /// Whether the writer has fallen so far behind that callers wait to
@@ -741,6 +760,10 @@ struct Turn {
 struct Baton {
     conn: Connection,
     pending: Pending,
+    /// Dropped after the connection (fields drop in order, and the thread
+    /// that ends the writing drops the two in turn): tells the waiters of
+    /// [`Writer::closed`] the connection is closed.
+    closed: tokio::sync::watch::Sender<()>,
 }
 
 /// The writer's state but its prepared statements (which borrow the
@@ -821,11 +844,22 @@ fn write_in_turn(
                 Err(_) => return,
             },
         };
-        let Baton { conn, pending } = baton;
+        let Baton {
+            conn,
+            pending,
+            closed,
+        } = baton;
         let Some(pending) = run(&conn, turn, role, pending) else {
+            // The connection first, then the word that it is closed.
+            drop(conn);
+            drop(closed);
             return;
         };
-        let baton = Baton { conn, pending };
+        let baton = Baton {
+            conn,
+            pending,
+            closed,
+        };
         match other.send(baton) {
             Ok(()) => {
                 turn.handovers.fetch_add(1, Ordering::Relaxed);
@@ -1949,6 +1983,33 @@ mod tests {
             written,
             "the closed writer truncated another connection's log"
         );
+    }
+
+    /// Closed and dropped, a store's writer closes its connection, and
+    /// `ledger_closed` says when: waited for, the last connection's close
+    /// has removed the `-wal` file (a process that exits sooner leaves it,
+    /// emptied). Not before every clone is gone.
+    #[tokio::test]
+    async fn the_ledger_says_when_its_connection_is_closed() {
+        let (_dir, path, store, user) = funded_store(1).await;
+        let wal = wal_path(&path);
+        store.add_funds(&user, 1).await.unwrap();
+        let closed = store.ledger_closed();
+        let clone = store.clone();
+        store.close().await;
+        drop(store);
+        let mut closed = std::pin::pin!(closed);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), closed.as_mut())
+                .await
+                .is_err(),
+            "a clone still holds the writer"
+        );
+        drop(clone);
+        tokio::time::timeout(Duration::from_secs(10), closed)
+            .await
+            .expect("the writer's connection was not closed");
+        assert!(!wal.exists(), "the -wal file was left behind");
     }
 
     /// A reader holding an old snapshot (another process's, say) keeps

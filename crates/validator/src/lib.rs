@@ -175,6 +175,36 @@ pub struct Running {
     pub handle: tokio::task::JoinHandle<Result<(), ValidatorError>>,
 }
 
+/// How long [`Running::finish`] waits for the ledger's connection to close
+/// once the server has ended.
+const LEDGER_CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+impl Running {
+    /// Waits for the server to end (after its shutdown token is cancelled:
+    /// requests in flight finish, the store closes), then, with this state
+    /// dropped, for the ledger writer to close its connection (at most
+    /// [`LEDGER_CLOSE_WAIT`]), so that a process exiting next leaves no
+    /// `-wal` file beside an SQLite database.
+    pub async fn finish(self) -> Result<(), ValidatorError> {
+        let Running { state, handle, .. } = self;
+        let ledger = state.store.ledger_closed();
+        let result = handle
+            .await
+            .map_err(|e| ValidatorError::Io(format!("validator task: {e}")));
+        drop(state);
+        if tokio::time::timeout(LEDGER_CLOSE_WAIT, ledger)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the ledger's connection was still open {} s after the shutdown",
+                LEDGER_CLOSE_WAIT.as_secs()
+            );
+        }
+        result?
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(api::chat_completions))
