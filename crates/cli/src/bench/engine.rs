@@ -508,17 +508,38 @@ pub async fn run(args: EngineArgs) -> Result<()> {
     let (s8, l8) = (pick("sluice", &multi), pick("llamacpp", &multi));
     // Ratios: the median of the runs' own ratios (each run's two figures
     // were measured back to back).
-    let paired = |v: &Vec<Vec<Step>>| -> Option<f64> {
-        let (a, b) = (&v[idx("sluice")?], &v[idx("llamacpp")?]);
-        let ratios: Vec<f64> = a
-            .iter()
-            .zip(b)
+    let paired = |v: &Vec<Vec<Step>>| -> Vec<f64> {
+        let (Some(a), Some(b)) = (idx("sluice"), idx("llamacpp")) else {
+            return Vec::new();
+        };
+        v[a].iter()
+            .zip(&v[b])
             .filter(|(_, y)| y.tok_s > 0.0)
             .map(|(x, y)| x.tok_s / y.tok_s)
-            .collect();
-        median(&ratios)
+            .collect()
     };
-    let (r1, r8) = (paired(&single), paired(&multi));
+    let (ratios1, ratios8) = (paired(&single), paired(&multi));
+    // Each run's figures: the medians above hide how far apart they were.
+    let per_run = |v: &[f64], decimals: usize| {
+        v.iter()
+            .map(|x| num(Some(*x), decimals))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (i, (name, _)) in contenders.iter().enumerate() {
+        for (streams, steps) in [(1, &single[i]), (SLOTS as usize, &multi[i])] {
+            if !steps.is_empty() {
+                let tok_s: Vec<f64> = steps.iter().map(|s| s.tok_s).collect();
+                println!("{name} {streams}: tok/s per run: {}", per_run(&tok_s, 1));
+            }
+        }
+    }
+    for (label, ratios) in [("ratio1", &ratios1), ("ratio8", &ratios8)] {
+        if !ratios.is_empty() {
+            println!("{label} per run: {}", per_run(ratios, GOALS[0].decimals));
+        }
+    }
+    let (r1, r8) = (median(&ratios1), median(&ratios8));
     println!("{}", targets_line(&[(GOALS[0], r1), (GOALS[1], r8)]));
     println!(
         "bench engine: sluice_tok_s={} llamacpp_tok_s={} ratio1={} sluice_agg8_tok_s={} llamacpp_agg8_tok_s={} ratio8={}",
