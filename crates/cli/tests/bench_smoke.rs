@@ -219,6 +219,19 @@ fn bench_engine_smoke_prints_its_summary_line() {
     assert_ne!(value(&pairs, "sluice_tok_s"), "na", "{out}");
     assert_ne!(value(&pairs, "sluice_agg8_tok_s"), "na", "{out}");
     assert_targets_line(&out, &["ratio1", "ratio8"]);
+    // The embedded engine's tok/s in each run, at one stream and at eight.
+    for prefix in ["sluice 1: tok/s per run: ", "sluice 8: tok/s per run: "] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{out}"));
+        assert!(
+            line[prefix.len()..]
+                .split(", ")
+                .all(|v| v.parse::<f64>().is_ok_and(|x| x > 0.0)),
+            "{line}"
+        );
+    }
     assert_machine_line(&out);
 }
 
