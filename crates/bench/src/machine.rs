@@ -89,10 +89,18 @@ impl Machine {
         if let Some(driver) = &self.cpuidle_driver {
             s.push_str(&format!(", cpuidle {driver}"));
         }
-        match self.guest_halt_poll_ns {
-            Some(0) => s.push_str(", guest halt polling off (idle vCPUs halt at once)"),
-            Some(ns) => s.push_str(&format!(", guest halt polling {} µs", ns / 1000)),
-            None => {}
+        // The haltpoll module's parameter is there whether or not its
+        // driver is the one in use; it says how idle vCPUs wait only when
+        // it is. With no driver at all, an idle CPU halts at once.
+        match (self.cpuidle_driver.as_deref(), self.guest_halt_poll_ns) {
+            (Some("haltpoll") | None, Some(0)) => {
+                s.push_str(", guest halt polling off (idle vCPUs halt at once)")
+            }
+            (Some("haltpoll") | None, Some(ns)) => {
+                s.push_str(&format!(", guest halt polling {} µs", ns / 1000))
+            }
+            (Some("none"), _) => s.push_str(" (no guest halt polling: idle CPUs halt at once)"),
+            _ => {}
         }
         s
     }
@@ -266,6 +274,15 @@ model name\t: Some Other CPU
         );
         m.guest_halt_poll_ns = Some(200_000);
         assert!(m.describe().ends_with("guest halt polling 200 µs"));
+        // The module's parameter, read with no cpuidle driver in use
+        // (the twenty-first machine), says nothing of how idle CPUs wait.
+        m.cpuidle_driver = Some("none".into());
+        assert!(
+            m.describe()
+                .ends_with("cpuidle none (no guest halt polling: idle CPUs halt at once)"),
+            "{}",
+            m.describe()
+        );
         assert_eq!(Machine::default().describe(), "unknown CPU, 0 logical CPUs");
     }
 
