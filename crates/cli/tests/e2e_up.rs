@@ -234,6 +234,31 @@ async fn up_serves_the_openai_api_with_the_real_model() {
     assert_eq!(status, 400);
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["param"], "top_p");
+    // Tools are served as text while the model may choose to answer in
+    // text; a required tool call or a JSON answer is refused, not faked.
+    let tools = json!([{"type": "function", "function": {"name": "now", "parameters": {}}}]);
+    let (status, _, body) = post(
+        &base,
+        "/v1/chat/completions",
+        Some(&key),
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+               "tools": tools, "tool_choice": "auto", "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    for (field, value) in [
+        ("tool_choice", json!("required")),
+        ("response_format", json!({"type": "json_object"})),
+    ] {
+        let mut req = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                             "tools": tools});
+        req[field] = value;
+        let (status, _, body) = post(&base, "/v1/chat/completions", Some(&key), req).await;
+        assert_eq!(status, 400, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["param"], field, "{body}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{body}");
+    }
 
     // Observability.
     let health: Value = client()

@@ -52,4 +52,15 @@ try:
 except openai.BadRequestError as e:
     assert e.param == "temperature", e.param
 
+try:
+    client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What time is it?"}],
+        tools=[{"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}],
+        tool_choice="required",
+    )
+    raise SystemExit("expected BadRequestError")
+except openai.BadRequestError as e:
+    assert e.param == "tool_choice", e.param
+
 print("openai sdk: ok")

@@ -77,12 +77,25 @@ pub struct SamplingFields {
     pub n: Option<u32>,
     #[serde(default)]
     pub user: Option<String>,
+    /// Not acted on, but checked for OpenAI's range so a mistake is
+    /// refused rather than silently ignored.
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
+    /// Kept only to refuse the values that demand a tool call, which
+    /// this network does not produce (`tools` themselves are ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<serde_json::Value>,
+    /// Kept only to refuse the formats the answer could not honour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<serde_json::Value>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }

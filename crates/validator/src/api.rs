@@ -172,6 +172,14 @@ pub fn generation_params(s: &SamplingFields) -> Result<GenerationParams, ApiErro
             return Err(bad("n", "only n = 1 is supported"));
         }
     }
+    for (param, value) in [
+        ("presence_penalty", s.presence_penalty),
+        ("frequency_penalty", s.frequency_penalty),
+    ] {
+        if value.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
+            return Err(bad(param, &format!("{param} must be between -2 and 2")));
+        }
+    }
     let stop = s.stop.clone().map(|st| st.into_vec()).unwrap_or_default();
     if stop.len() > 4 {
         return Err(bad("stop", "at most 4 stop sequences are allowed"));
@@ -183,6 +191,64 @@ pub fn generation_params(s: &SamplingFields) -> Result<GenerationParams, ApiErro
         seed: s.seed,
         stop,
     })
+}
+
+/// Refuses the chat fields whose values promise what no answer here
+/// keeps: a required tool call (the models answer in text; `tools` with
+/// `tool_choice` absent, `"none"` or `"auto"` are served as text) or a
+/// JSON answer.
+pub fn unsupported_chat_fields(req: &ChatCompletionRequest) -> Result<(), ApiError> {
+    const NO_TOOL_CALLS: &str =
+        "models on this network answer in text and make no tool calls; use \"auto\" or \"none\"";
+    let bad = |p: &str, m: String| ApiError::invalid(m, Some(p.to_string()));
+    match &req.tool_choice {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::String(s)) if s == "none" || s == "auto" => {}
+        Some(serde_json::Value::String(s)) if s == "required" => {
+            return Err(bad(
+                "tool_choice",
+                format!("tool_choice \"required\" is not supported: {NO_TOOL_CALLS}"),
+            ))
+        }
+        Some(serde_json::Value::Object(_)) => {
+            return Err(bad(
+                "tool_choice",
+                format!("a named tool_choice is not supported: {NO_TOOL_CALLS}"),
+            ))
+        }
+        Some(_) => {
+            return Err(bad(
+                "tool_choice",
+                "tool_choice must be \"none\", \"auto\", \"required\" or an object naming \
+                 a function"
+                    .into(),
+            ))
+        }
+    }
+    if let Some(format) = req.response_format.as_ref().filter(|f| !f.is_null()) {
+        match format.get("type").and_then(|t| t.as_str()) {
+            Some("text") => {}
+            Some(k @ ("json_object" | "json_schema")) => {
+                return Err(bad(
+                    "response_format",
+                    format!(
+                        "response_format type \"{k}\" is not supported: the answer is the \
+                         model's plain text, which nothing here constrains to JSON; leave \
+                         response_format out or set its type to \"text\""
+                    ),
+                ))
+            }
+            _ => {
+                return Err(bad(
+                    "response_format",
+                    "response_format must be an object whose type is \"text\", \
+                     \"json_object\" or \"json_schema\""
+                        .into(),
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Chat messages to text-only prompt messages.
@@ -386,6 +452,7 @@ async fn handle(
     let (model, input, sampling) = match kind {
         Kind::Chat => {
             let req: ChatCompletionRequest = parse_json(&bytes)?;
+            unsupported_chat_fields(&req)?;
             let messages = prompt_messages(&req)?;
             (req.model, PromptInput::Chat { messages }, req.sampling)
         }
@@ -831,6 +898,85 @@ mod tests {
         s.max_tokens = Some(9);
         s.max_completion_tokens = Some(5);
         assert_eq!(generation_params(&s).unwrap().max_tokens, Some(5));
+    }
+
+    #[test]
+    fn penalties_outside_openai_range_are_refused() {
+        let mut s = SamplingFields {
+            presence_penalty: Some(2.0),
+            frequency_penalty: Some(-2.0),
+            ..Default::default()
+        };
+        assert!(generation_params(&s).is_ok());
+        s.frequency_penalty = Some(100.0);
+        let e = generation_params(&s).unwrap_err();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(e.body().error.param.as_deref(), Some("frequency_penalty"));
+        s.frequency_penalty = None;
+        s.presence_penalty = Some(f32::NAN);
+        let e = generation_params(&s).unwrap_err();
+        assert_eq!(e.body().error.param.as_deref(), Some("presence_penalty"));
+    }
+
+    #[test]
+    fn tool_calls_and_json_answers_that_cannot_be_kept_are_refused() {
+        let chat = |extra: &str| -> ChatCompletionRequest {
+            parse_json(
+                format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#)
+                    .as_bytes(),
+            )
+            .unwrap()
+        };
+        let tools = r#","tools":[{"type":"function","function":{"name":"f","parameters":{}}}]"#;
+        for ok in [
+            String::new(),
+            tools.to_string(),
+            format!(r#"{tools},"tool_choice":"auto""#),
+            format!(r#"{tools},"tool_choice":"none""#),
+            r#","tool_choice":null,"response_format":null"#.to_string(),
+            r#","response_format":{"type":"text"}"#.to_string(),
+        ] {
+            assert!(unsupported_chat_fields(&chat(&ok)).is_ok(), "{ok}");
+        }
+        for (refused, param, says) in [
+            (
+                format!(r#"{tools},"tool_choice":"required""#),
+                "tool_choice",
+                "\"required\" is not supported",
+            ),
+            (
+                format!(r#"{tools},"tool_choice":{{"type":"function","function":{{"name":"f"}}}}"#),
+                "tool_choice",
+                "named tool_choice",
+            ),
+            (r#","tool_choice":7"#.to_string(), "tool_choice", "must be"),
+            (
+                r#","response_format":{"type":"json_object"}"#.to_string(),
+                "response_format",
+                "\"json_object\" is not supported",
+            ),
+            (
+                r#","response_format":{"type":"json_schema","json_schema":{"name":"x"}}"#
+                    .to_string(),
+                "response_format",
+                "\"json_schema\" is not supported",
+            ),
+            (
+                r#","response_format":"json""#.to_string(),
+                "response_format",
+                "must be",
+            ),
+        ] {
+            let e = unsupported_chat_fields(&chat(&refused)).unwrap_err();
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{refused}");
+            let body = e.body();
+            assert_eq!(body.error.param.as_deref(), Some(param), "{refused}");
+            assert!(
+                body.error.message.contains(says),
+                "{refused}: {}",
+                body.error.message
+            );
+        }
     }
 
     #[test]
