@@ -299,7 +299,7 @@ impl LlamaServer {
             .map(|n| n.get())
             .unwrap_or(2);
         progress(&format!(
-            "compiling llama-server with {jobs} jobs (first use; 15-30 minutes on 2 cores)"
+            "compiling llama-server with {jobs} jobs (first use; 4-11 minutes on 2 cores)"
         ));
         run_logged(
             Command::new("cmake").current_dir(&build).args([
