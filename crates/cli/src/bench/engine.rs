@@ -76,6 +76,47 @@ struct Gen {
     tokens: u32,
 }
 
+/// What one streamed answer from a peer server has said so far.
+#[derive(Debug, Default)]
+struct StreamTally {
+    ttft: Option<Duration>,
+    /// `usage.completion_tokens`, where the server sends it.
+    tokens: Option<u32>,
+    text_chunks: u32,
+    finished: bool,
+}
+
+impl StreamTally {
+    fn feed(&mut self, payload: &str, start: Instant) {
+        if has_text(payload) {
+            self.text_chunks += 1;
+            self.ttft.get_or_insert_with(|| start.elapsed());
+        }
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(payload) {
+            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                self.tokens = Some(n as u32);
+            }
+            self.finished |= v["choices"][0]["finish_reason"].is_string();
+        }
+    }
+
+    /// The answer's timing, or an error for a stream the server ended
+    /// without a `finish_reason` (llama-cpp-python, left to interrupt a
+    /// request when the next arrives, does so): a failure, not a data point.
+    fn finish(self, start: Instant) -> Result<Gen> {
+        if !self.finished {
+            bail!(
+                "it ended without a finish_reason after {} text chunk(s)",
+                self.text_chunks
+            );
+        }
+        Ok(Gen {
+            ttft: self.ttft.unwrap_or_else(|| start.elapsed()),
+            tokens: self.tokens.unwrap_or(self.text_chunks),
+        })
+    }
+}
+
 /// One measured step: tokens/s over the wall time, median time to first token.
 #[derive(Debug, Clone, Copy, Default)]
 struct Step {
@@ -189,28 +230,15 @@ impl Contender {
                     );
                 }
                 let mut decoder = SseDecoder::new();
-                let mut ttft = None;
-                let mut tokens = None;
-                let mut chunks = 0u32;
+                let mut tally = StreamTally::default();
                 while let Some(bytes) = resp.chunk().await? {
                     for payload in decoder.feed(&bytes) {
-                        if has_text(&payload) {
-                            chunks += 1;
-                            if ttft.is_none() {
-                                ttft = Some(start.elapsed());
-                            }
-                        }
-                        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&payload) {
-                            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
-                                tokens = Some(n as u32);
-                            }
-                        }
+                        tally.feed(&payload, start);
                     }
                 }
-                Ok(Gen {
-                    ttft: ttft.unwrap_or_else(|| start.elapsed()),
-                    tokens: tokens.unwrap_or(chunks),
-                })
+                tally
+                    .finish(start)
+                    .with_context(|| format!("{base}: a stream was cut short"))
             }
         }
     }
@@ -327,6 +355,11 @@ async fn start_llama_cpp_python(
         &threads.to_string(),
         "--n_ctx",
         &CONTEXT_PER_SLOT.to_string(),
+        // By default a new request interrupts the one running, whose
+        // stream then ends unfinished: queue them instead, as a user
+        // serving several clients would.
+        "--interrupt_requests",
+        "False",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -534,9 +567,12 @@ pub async fn run(args: EngineArgs) -> Result<()> {
             }
         }
     }
-    for (label, ratios) in [("ratio1", &ratios1), ("ratio8", &ratios8)] {
+    for (label, ratios, decimals) in [
+        ("ratio1", &ratios1, GOALS[0].decimals),
+        ("ratio8", &ratios8, GOALS[1].decimals),
+    ] {
         if !ratios.is_empty() {
-            println!("{label} per run: {}", per_run(ratios, GOALS[0].decimals));
+            println!("{label} per run: {}", per_run(ratios, decimals));
         }
     }
     let (r1, r8) = (median(&ratios1), median(&ratios8));
@@ -552,4 +588,38 @@ pub async fn run(args: EngineArgs) -> Result<()> {
     );
     drop(contenders);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(content: &str, finish: Option<&str>) -> String {
+        serde_json::json!({"choices": [{"delta": {"content": content}, "finish_reason": finish}]})
+            .to_string()
+    }
+
+    #[test]
+    fn a_stream_cut_short_is_a_failure_not_a_data_point() {
+        let start = Instant::now();
+        let mut cut = StreamTally::default();
+        cut.feed(&chunk("Once", None), start);
+        cut.feed(&chunk(" upon", None), start);
+        let e = cut.finish(start).unwrap_err();
+        assert!(
+            e.to_string().contains("without a finish_reason after 2"),
+            "{e}"
+        );
+
+        let mut whole = StreamTally::default();
+        whole.feed(&chunk("Once", None), start);
+        whole.feed(&chunk("", Some("length")), start);
+        whole.feed(
+            r#"{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":5}}"#,
+            start,
+        );
+        whole.feed("[DONE]", start);
+        let gen = whole.finish(start).unwrap();
+        assert_eq!(gen.tokens, 5, "usage wins over the chunks counted");
+    }
 }

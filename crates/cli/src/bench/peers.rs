@@ -356,7 +356,7 @@ impl LlamaCppPython {
         std::fs::create_dir_all(cache_dir())?;
         let log = cache_dir().join("llama-cpp-python-install.log");
         progress(&format!(
-            "installing llama-cpp-python[server] into {} (compiles llama.cpp; 15-30 minutes)",
+            "installing llama-cpp-python[server] into {} (compiles llama.cpp; 3-15 minutes on 2 cores)",
             self.venv.display()
         ));
         if !self.python().is_file() {
