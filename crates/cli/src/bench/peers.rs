@@ -324,20 +324,39 @@ impl LlamaServer {
     }
 }
 
-/// The optional second engine peer: `llama-cpp-python[server]` in a venv.
+/// The second, weaker engine peer: `llama-cpp-python[server]` in a venv.
+/// Measured by default where it builds; a failed install is remembered,
+/// so that each later run does not spend minutes compiling it again.
 pub struct LlamaCppPython {
     pub venv: PathBuf,
+    /// Holds the reason of a failed install; deleting it retries.
+    pub failed: PathBuf,
 }
 
 impl LlamaCppPython {
     pub fn location() -> LlamaCppPython {
+        LlamaCppPython::at(&cache_dir())
+    }
+
+    fn at(dir: &Path) -> LlamaCppPython {
         LlamaCppPython {
-            venv: cache_dir().join("llama-cpp-python-venv"),
+            venv: dir.join("llama-cpp-python-venv"),
+            failed: dir.join("llama-cpp-python-install-failed"),
         }
     }
 
     fn marker(&self) -> PathBuf {
         self.venv.join(".sluice-installed")
+    }
+
+    /// Why an earlier install failed, if one did and was not retried.
+    fn failed_before(&self) -> Option<anyhow::Error> {
+        let reason = std::fs::read_to_string(&self.failed).ok()?;
+        let first = reason.lines().next().unwrap_or("").to_string();
+        Some(anyhow::anyhow!(
+            "its install failed before ({first}); delete {} to try again",
+            self.failed.display()
+        ))
     }
 
     pub fn python(&self) -> PathBuf {
@@ -348,11 +367,23 @@ impl LlamaCppPython {
         self.marker().is_file()
     }
 
-    /// Installs (compiling llama.cpp again, for the same instruction set).
+    /// Installs (compiling llama.cpp again, for the same instruction set),
+    /// unless an earlier install failed.
     pub async fn ensure(&self) -> Result<()> {
         if self.installed() {
             return Ok(());
         }
+        if let Some(e) = self.failed_before() {
+            return Err(e);
+        }
+        let result = self.install().await;
+        if let Err(e) = &result {
+            let _ = std::fs::write(&self.failed, format!("{e:#}"));
+        }
+        result
+    }
+
+    async fn install(&self) -> Result<()> {
         std::fs::create_dir_all(cache_dir())?;
         let log = cache_dir().join("llama-cpp-python-install.log");
         progress(&format!(
@@ -388,5 +419,31 @@ impl LlamaCppPython {
         .await?;
         std::fs::write(self.marker(), "ok")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_llama_cpp_python_install_is_not_retried_until_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let peer = LlamaCppPython::at(dir.path());
+        std::fs::write(
+            &peer.failed,
+            "pip install llama-cpp-python[server] failed (exit status: 1)\n...",
+        )
+        .unwrap();
+        let e = peer.ensure().await.unwrap_err().to_string();
+        assert!(e.contains("its install failed before (pip install"), "{e}");
+        assert!(
+            e.contains(&format!("delete {}", peer.failed.display())),
+            "{e}"
+        );
+        // An installed peer is used whatever an old failure said.
+        std::fs::create_dir_all(&peer.venv).unwrap();
+        std::fs::write(peer.marker(), "ok").unwrap();
+        peer.ensure().await.unwrap();
     }
 }
