@@ -235,7 +235,8 @@ async fn up_serves_the_openai_api_with_the_real_model() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["param"], "top_p");
     // Tools are served as text while the model may choose to answer in
-    // text; a required tool call or a JSON answer is refused, not faked.
+    // text; a required tool call, a JSON answer or token probabilities
+    // are refused, not faked.
     let tools = json!([{"type": "function", "function": {"name": "now", "parameters": {}}}]);
     let (status, _, body) = post(
         &base,
@@ -249,6 +250,7 @@ async fn up_serves_the_openai_api_with_the_real_model() {
     for (field, value) in [
         ("tool_choice", json!("required")),
         ("response_format", json!({"type": "json_object"})),
+        ("logprobs", json!(true)),
     ] {
         let mut req = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                              "tools": tools});

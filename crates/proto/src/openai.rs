@@ -83,6 +83,12 @@ pub struct SamplingFields {
     pub presence_penalty: Option<f32>,
     #[serde(default)]
     pub frequency_penalty: Option<f32>,
+    /// Kept only to refuse a request for token probabilities, which no
+    /// engine here returns: `true` (chat) or a count above 0 (text).
+    #[serde(default)]
+    pub logprobs: Option<serde_json::Value>,
+    #[serde(default)]
+    pub top_logprobs: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

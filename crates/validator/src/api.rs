@@ -180,6 +180,24 @@ pub fn generation_params(s: &SamplingFields) -> Result<GenerationParams, ApiErro
             return Err(bad(param, &format!("{param} must be between -2 and 2")));
         }
     }
+    // `logprobs: true` (chat), a count above 0 (text completions) or any
+    // `top_logprobs` above 0 asks for what no engine here returns.
+    let asks = |v: &Option<serde_json::Value>| match v {
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(serde_json::Value::Number(n)) => n.as_f64().is_some_and(|x| x > 0.0),
+        _ => false,
+    };
+    for (param, value) in [("logprobs", &s.logprobs), ("top_logprobs", &s.top_logprobs)] {
+        if asks(value) {
+            return Err(bad(
+                param,
+                &format!(
+                    "{param} is not supported: the engines on this network return no token \
+                     probabilities"
+                ),
+            ));
+        }
+    }
     let stop = s.stop.clone().map(|st| st.into_vec()).unwrap_or_default();
     if stop.len() > 4 {
         return Err(bad("stop", "at most 4 stop sequences are allowed"));
@@ -916,6 +934,30 @@ mod tests {
         s.presence_penalty = Some(f32::NAN);
         let e = generation_params(&s).unwrap_err();
         assert_eq!(e.body().error.param.as_deref(), Some("presence_penalty"));
+    }
+
+    #[test]
+    fn token_probabilities_are_refused_not_answered_with_null() {
+        let parse = |extra: &str| -> SamplingFields {
+            serde_json::from_str(&format!("{{{extra}}}")).unwrap()
+        };
+        for ok in [
+            "",
+            r#""logprobs":false"#,
+            r#""logprobs":null"#,
+            r#""logprobs":0,"top_logprobs":0"#,
+        ] {
+            assert!(generation_params(&parse(ok)).is_ok(), "{ok}");
+        }
+        for (refused, param) in [
+            (r#""logprobs":true"#, "logprobs"),
+            (r#""logprobs":3"#, "logprobs"),
+            (r#""top_logprobs":2"#, "top_logprobs"),
+        ] {
+            let e = generation_params(&parse(refused)).unwrap_err();
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{refused}");
+            assert_eq!(e.body().error.param.as_deref(), Some(param), "{refused}");
+        }
     }
 
     #[test]
